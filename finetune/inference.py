@@ -1,0 +1,121 @@
+"""Evaluate a trained run on a labelled folder, and predict labels for image files.
+
+>>> from finetune import evaluate, predict                       # doctest: +SKIP
+>>> evaluate("runs/photos", "~/photos_test")["top1"]           # doctest: +SKIP
+>>> predict("runs/photos", ["cat.jpg", "more_photos/"], top_k=3)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from finetune.checkpoint import write_json, write_text
+from finetune.data import ImageDataset, build_transform, list_images, scan_labelled, write_skipped
+from finetune.metrics import classification_metrics, plot_confusion
+from finetune.models import load_model, read_run_meta
+
+
+@dataclass
+class Prediction:
+    """Top-k labels and probabilities for one image."""
+
+    path: Path
+    labels: list[str]
+    probs: list[float]
+    error: str | None = None  # set (and labels empty) when the file could not be read
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "labels": self.labels, "probs": [round(p, 6) for p in self.probs],
+                "error": self.error}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader: Iterable, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model`` over a loader of ``(images, labels)``; return stacked logits and labels (CPU)."""
+    device = device or default_device()
+    model = model.to(device).eval()
+    logits, labels = [], []
+    for images, targets in loader:
+        logits.append(model(images.to(device)).float().cpu())
+        labels.append(targets)
+    if not logits:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def _loader(items: Sequence, data_config: dict, batch_size: int, num_workers: int = 0) -> DataLoader:
+    transform = build_transform(data_config, train=False)
+    return DataLoader(ImageDataset(items, transform), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def evaluate(
+    run_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    img_size: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate a run on every image of a labelled folder (``data/<class>/…``, or its ``val/`` split).
+
+    Writes ``metrics.json``, ``confusion.png`` and ``predictions.csv`` to ``out`` (default
+    ``RUN/eval-<folder name>``) and returns the metrics dict.
+    """
+    meta = read_run_meta(run_dir)
+    model, data_config = load_model(run_dir, img_size=img_size)
+    classes, samples, skipped = scan_labelled(data, classes=list(meta["classes"]))
+    out_dir = Path(out) if out else Path(run_dir) / f"eval-{Path(data).expanduser().resolve().name}"
+    logits, labels = predict_logits(model, _loader(samples, data_config, batch_size))
+    metrics = classification_metrics(logits, labels, classes)
+    metrics["data"] = str(Path(data).expanduser())
+    metrics["skipped_images"] = len(skipped)
+    write_json(out_dir / "metrics.json", metrics)
+    plot_confusion(metrics["confusion"], classes, out_dir / "confusion.png",
+                   title=f"{meta['architecture']} on {Path(data).name} (top-1 {metrics['top1']:.3f})")
+    probs = logits.softmax(1)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "label", "predicted", "probability"])
+    for sample, p in zip(samples, probs):
+        writer.writerow([sample.path, classes[sample.label], classes[int(p.argmax())], f"{p.max().item():.6f}"])
+    write_text(out_dir / "predictions.csv", buffer.getvalue())
+    if skipped:
+        write_skipped(skipped, out_dir / "skipped.txt")
+    metrics["out_dir"] = str(out_dir)
+    return metrics
+
+
+def predict(
+    run_dir: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    top_k: int = 5,
+    batch_size: int = 32,
+) -> list[Prediction]:
+    """Top-k labels for image files and folders (searched recursively), in batches.
+
+    Unreadable files come last, with ``error`` set and no labels.
+    """
+    model, data_config = load_model(run_dir)
+    classes = list(model.pretrained_cfg["label_names"])
+    paths, skipped = list_images(inputs)
+    results = []
+    if paths:
+        logits, _ = predict_logits(model, _loader(paths, data_config, batch_size))
+        probs, indices = logits.softmax(1).topk(min(top_k, len(classes)), dim=1)
+        results = [
+            Prediction(path, [classes[i] for i in idx.tolist()], p.tolist())
+            for path, p, idx in zip(paths, probs, indices)
+        ]
+    return results + [Prediction(s.path, [], [], error=s.reason) for s in skipped]

@@ -1,0 +1,375 @@
+"""``fit()``: the training loop, driven by accelerate (the only module that imports it).
+
+The loop follows accelerate's ``examples/cv_example.py``: one ``prepare``, ``backward``,
+``gather_for_metrics``, printing on the main process only. The same code runs on a CPU,
+one GPU or several processes (``accelerate launch``).
+
+>>> from finetune import TrainConfig, fit                      # doctest: +SKIP
+>>> result = fit(TrainConfig(data="~/photos", epochs=3))     # doctest: +SKIP
+>>> result.metrics["top1"], result.run_dir                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from finetune import __version__
+from finetune.checkpoint import atomic_path, write_json, write_text
+from finetune.config import TrainConfig
+from finetune.data import FolderSplit, ImageDataset, build_transform, class_weights, scan_folder, write_skipped
+from finetune.errors import FinetuneError
+from finetune.metrics import classification_metrics, plot_confusion, plot_curves
+from finetune.models import RUN_FORMAT, RUN_META, RUN_WEIGHTS, load_model
+
+LOG_COLUMNS = (
+    "epoch", "phase", "lr_head", "lr_body", "train_loss", "train_top1",
+    "val_loss", "val_top1", "epoch_seconds", "train_images_per_s",
+)
+
+
+@dataclass
+class Phase:
+    """A stretch of epochs with one set of trainable parameters and learning rates."""
+
+    name: str
+    epochs: int
+    train_body: bool
+    head_lr: float
+    body_lr: float
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: where the run is, its final metrics, and the best model."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    model: nn.Module
+    classes: list[str]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def plan_phases(cfg: TrainConfig) -> list[Phase]:
+    """Split the epochs into phases for the strategy.
+
+    ``finetune`` (fastai's ``fine_tune``): train the new head alone for ``head_epochs``, then
+    everything, the body at ``lr × body_lr_mult``.
+
+    >>> [(p.name, p.epochs) for p in plan_phases(TrainConfig(data=".", epochs=5))]
+    [('head', 1), ('body', 4)]
+    """
+    if cfg.strategy == "probe":
+        return [Phase("head", cfg.epochs, False, cfg.lr, 0.0)]
+    if cfg.strategy == "full" or cfg.head_epochs == 0:
+        body_lr = cfg.lr if cfg.strategy == "full" else cfg.lr * cfg.body_lr_mult
+        return [Phase("full" if cfg.strategy == "full" else "body", cfg.epochs, True, cfg.lr, body_lr)]
+    return [
+        Phase("head", cfg.head_epochs, False, cfg.lr, 0.0),
+        Phase("body", cfg.epochs - cfg.head_epochs, True, cfg.lr, cfg.lr * cfg.body_lr_mult),
+    ]
+
+
+def default_num_workers() -> int:
+    """DataLoader workers: none on a 2-core machine (they would steal compute), more on big hosts."""
+    cores = os.cpu_count() or 1
+    if torch.cuda.is_available():
+        return min(8, max(1, cores - 1))
+    return min(4, max(0, cores // 2 - 1))
+
+
+def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> FitResult:
+    """Fine-tune ``cfg.model`` on the image folder ``cfg.data`` and write a run directory.
+
+    The run directory holds ``model.safetensors`` (best epoch by validation top-1; it loads in
+    plain timm), ``model.json``, ``metrics.json``, ``log.csv``, ``curves.png``, ``confusion.png``,
+    ``recipe.yaml`` and ``skipped.txt`` when images were skipped.
+    """
+    started = time.perf_counter()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    set_seed(cfg.seed)
+    split = scan_folder(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, check_images=cfg.check_images)
+    run_dir = _prepare_run_dir(cfg, accelerator, overwrite)
+    _report_split(split, run_dir, accelerator)
+
+    model, data_config = load_model(cfg.model, weights=cfg.weights, num_classes=len(split.classes),
+                                    img_size=cfg.img_size)
+    pretrained = cfg.weights != "none"
+    freeze_bn = cfg.bn == "frozen" or (cfg.bn == "auto" and pretrained)
+    accelerator.print(
+        f"model {cfg.model}: {model.pretrained_cfg.get('weights_source')}; "
+        f"input {data_config['input_size'][-1]} px; BatchNorm statistics {'frozen' if freeze_bn else 'trained'}"
+    )
+    if cfg.memory_format in ("auto", "channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    meta = _model_meta(cfg, split, data_config, model)
+    if accelerator.is_main_process:
+        write_json(run_dir / RUN_META, meta)
+        write_text(run_dir / "recipe.yaml", cfg.to_yaml())
+
+    train_loader, val_loader = _loaders(cfg, split, data_config)
+    train_loader, val_loader = accelerator.prepare(train_loader, val_loader)
+    weight = class_weights(split.train, len(split.classes)) if cfg.class_balanced else None
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing).to(accelerator.device)
+    channels_last = cfg.memory_format in ("auto", "channels_last")
+
+    history: list[dict[str, Any]] = []
+    best_top1, epoch = -1.0, 0
+    for phase in plan_phases(cfg):
+        model = _set_trainable(accelerator.unwrap_model(model), phase.train_body)
+        model = accelerator.prepare_model(model)
+        optimizer = _optimizer(accelerator.unwrap_model(model), phase, cfg.weight_decay)
+        optimizer = accelerator.prepare_optimizer(optimizer)
+        updates_per_epoch = max(1, math.ceil(len(train_loader) / cfg.grad_accum))
+        scheduler = CosineLRScheduler(
+            optimizer, t_initial=phase.epochs * updates_per_epoch, lr_min=1e-6,
+            warmup_t=int(cfg.warmup_epochs * updates_per_epoch), warmup_lr_init=1e-6, t_in_epochs=False,
+        )
+        updates = 0
+        for _ in range(phase.epochs):
+            epoch += 1
+            tic = time.perf_counter()
+            train_loss, train_top1, seen, updates = _train_epoch(
+                model, train_loader, optimizer, scheduler, criterion, accelerator,
+                freeze_bn=freeze_bn, channels_last=channels_last, updates=updates,
+                desc=f"epoch {epoch}/{cfg.epochs} ({phase.name})", progress=progress,
+            )
+            train_seconds = time.perf_counter() - tic
+            logits, labels = _predict(model, val_loader, accelerator, channels_last, progress=False)
+            val_loss = nn.functional.cross_entropy(logits, labels).item()
+            val_top1 = (logits.argmax(1) == labels).float().mean().item()
+            row = {
+                "epoch": epoch, "phase": phase.name,
+                "lr_head": optimizer.param_groups[0]["lr"],
+                "lr_body": optimizer.param_groups[-1]["lr"] if phase.train_body else 0.0,
+                "train_loss": train_loss, "train_top1": train_top1,
+                "val_loss": val_loss, "val_top1": val_top1,
+                "epoch_seconds": time.perf_counter() - tic,
+                "train_images_per_s": seen / max(train_seconds, 1e-9),
+            }
+            history.append(row)
+            accelerator.print(
+                f"epoch {epoch}/{cfg.epochs} [{phase.name}] train loss {train_loss:.4f} acc {train_top1:.3f} | "
+                f"val loss {val_loss:.4f} acc {val_top1:.3f} | {row['train_images_per_s']:.1f} img/s"
+            )
+            if accelerator.is_main_process:
+                state = _state_dict(accelerator.unwrap_model(model))
+                _save_weights(state, run_dir / "checkpoints" / "last.safetensors")
+                if val_top1 > best_top1:
+                    best_top1 = val_top1
+                    meta["best_epoch"] = epoch
+                    _save_weights(state, run_dir / RUN_WEIGHTS)
+                    write_json(run_dir / RUN_META, meta)
+                _write_log(history, run_dir / "log.csv")
+            accelerator.wait_for_everyone()
+
+    # Final evaluation of the best weights, so metrics.json describes model.safetensors.
+    accelerator.wait_for_everyone()
+    accelerator.unwrap_model(model).load_state_dict(load_file(run_dir / RUN_WEIGHTS))
+    logits, labels = _predict(model, val_loader, accelerator, channels_last, progress=False)
+    metrics = classification_metrics(logits, labels, split.classes)
+    metrics["best_epoch"] = meta.get("best_epoch")
+    seconds = time.perf_counter() - started
+    metrics["train_seconds"] = seconds
+    if accelerator.is_main_process:
+        write_json(run_dir / "metrics.json", metrics)
+        plot_confusion(metrics["confusion"], split.classes, run_dir / "confusion.png",
+                       title=f"{cfg.model} — validation (top-1 {metrics['top1']:.3f})")
+        plot_curves(history, run_dir / "curves.png")
+        meta["status"] = "complete"
+        meta["val_top1"] = metrics["top1"]
+        write_json(run_dir / RUN_META, meta)
+    accelerator.print(
+        f"done in {seconds:.0f}s: best val top-1 {metrics['top1']:.4f} (epoch {metrics['best_epoch']}); "
+        f"run directory {run_dir}"
+    )
+    best = accelerator.unwrap_model(model).to(memory_format=torch.contiguous_format).eval()
+    return FitResult(run_dir=run_dir, metrics=metrics, model=best, classes=split.classes,
+                     history=history, seconds=seconds)
+
+
+# --------------------------------------------------------------------------------------------
+def _prepare_run_dir(cfg: TrainConfig, accelerator: Accelerator, overwrite: bool) -> Path:
+    out = cfg.out or os.path.join("runs", f"{cfg.model}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(out).expanduser()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise FinetuneError(
+                f"run directory `{run_dir}` already holds files; choose another --out or pass --overwrite"
+            )
+        if accelerator.is_main_process and (run_dir / RUN_META).exists():
+            for name in ("checkpoints",):
+                shutil.rmtree(run_dir / name, ignore_errors=True)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def _report_split(split: FolderSplit, run_dir: Path, accelerator: Accelerator) -> None:
+    accelerator.print(
+        f"data {split.root}: {len(split.classes)} classes, {len(split.train)} train / {len(split.val)} val images "
+        f"({split.layout})"
+    )
+    for warning in split.warnings:
+        accelerator.print(f"warning: {warning}")
+    if split.skipped:
+        accelerator.print(f"skipped {len(split.skipped)} unreadable image(s); list in {run_dir / 'skipped.txt'}")
+        if accelerator.is_main_process:
+            write_skipped(split.skipped, run_dir / "skipped.txt")
+
+
+def _model_meta(cfg: TrainConfig, split: FolderSplit, data_config: dict, model: nn.Module) -> dict[str, Any]:
+    return {
+        "format": RUN_FORMAT,
+        "architecture": cfg.model,
+        "num_classes": len(split.classes),
+        "classes": split.classes,
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+        "weights_source": model.pretrained_cfg.get("weights_source"),
+        "config": cfg.to_dict(),
+        "data": {"root": str(split.root), "layout": split.layout, "train_images": len(split.train),
+                 "val_images": len(split.val), "skipped_images": len(split.skipped)},
+        "versions": {"finetune-vision": __version__, "torch": torch.__version__, "timm": timm.__version__,
+                     "python": platform.python_version()},
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "status": "running",
+    }
+
+
+def _loaders(cfg: TrainConfig, split: FolderSplit, data_config: dict) -> tuple[DataLoader, DataLoader]:
+    workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
+    train_tf = build_transform(data_config, train=True, scale=(cfg.aug_scale, 1.0))
+    eval_tf = build_transform(data_config, train=False)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    common = dict(batch_size=cfg.batch_size, num_workers=workers, persistent_workers=workers > 0,
+                  pin_memory=torch.cuda.is_available())
+    train = DataLoader(ImageDataset(split.train, train_tf), shuffle=True, generator=generator,
+                       drop_last=len(split.train) > cfg.batch_size, **common)
+    val = DataLoader(ImageDataset(split.val, eval_tf), shuffle=False, **common)
+    return train, val
+
+
+def _set_trainable(model: nn.Module, train_body: bool) -> nn.Module:
+    head = {id(p) for p in model.get_classifier().parameters()}
+    for p in model.parameters():
+        p.requires_grad_(train_body or id(p) in head)
+    return model
+
+
+def _optimizer(model: nn.Module, phase: Phase, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with head groups first, then body groups (lower LR).
+
+    Biases and norm weights (ndim <= 1) get no weight decay, the rule of timm's
+    ``param_groups_weight_decay``; that helper groups a whole module, and we need the head and
+    body split too, so the split is written out here.
+    """
+    head_ids = {id(p) for p in model.get_classifier().parameters()}
+    groups = []
+    for is_head, lr in ((True, phase.head_lr), (False, phase.body_lr)):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in head_ids) == is_head]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups += [{"params": ps, "lr": lr, "weight_decay": wd}
+                   for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
+    return torch.optim.AdamW(groups, lr=phase.head_lr)
+
+
+def _freeze_bn_stats(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def _train_epoch(model, loader, optimizer, scheduler, criterion, accelerator: Accelerator, *, freeze_bn: bool,
+                 channels_last: bool, updates: int, desc: str, progress: bool) -> tuple[float, float, int, int]:
+    model.train()
+    if freeze_bn:
+        _freeze_bn_stats(model)
+    total_loss = torch.zeros((), device=accelerator.device)
+    correct = torch.zeros((), device=accelerator.device)
+    seen = 0
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
+               disable=not (progress and accelerator.is_local_main_process))
+    for step, (images, labels) in enumerate(bar):
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                logits = model(images)
+                loss = criterion(logits, labels)
+            if not torch.isfinite(loss):
+                raise FinetuneError(
+                    f"loss became {loss.item()} at step {step} of {desc} (lr {optimizer.param_groups[0]['lr']:.2e}); "
+                    "lower --lr, or use --mixed-precision no if fp16 overflowed"
+                )
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            updates += 1
+            scheduler.step_update(updates)
+        total_loss += loss.detach() * labels.size(0)
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += labels.size(0)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    totals = accelerator.reduce(torch.stack([total_loss, correct, torch.tensor(float(seen), device=accelerator.device)]),
+                                reduction="sum")
+    n = max(totals[2].item(), 1.0)
+    return totals[0].item() / n, totals[1].item() / n, int(totals[2].item()), updates
+
+
+@torch.no_grad()
+def _predict(model, loader, accelerator: Accelerator, channels_last: bool,
+             progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    all_logits, all_labels = [], []
+    for images, labels in tqdm(loader, leave=False, disable=not (progress and accelerator.is_local_main_process)):
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            logits = model(images)
+        logits, labels = accelerator.gather_for_metrics((logits.float(), labels))
+        all_logits.append(logits.cpu())
+        all_labels.append(labels.cpu())
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous tensors; channels_last weights are non-contiguous.
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+
+
+def _write_log(rows: list[dict[str, Any]], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    write_text(path, buffer.getvalue())
