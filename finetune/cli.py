@@ -12,7 +12,6 @@ import argparse
 import csv
 import json
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 from finetune import __version__
@@ -36,8 +35,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text,
-                                choices=spec.get("choices"))
+            # No argparse `choices`: TrainConfig validates and answers in one line, like YAML recipes.
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:

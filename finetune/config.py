@@ -80,9 +80,10 @@ class TrainConfig:
                        choices=BN_MODES),
     )
     memory_format: str = field(
-        default="auto", metadata=_help("auto | channels_last | contiguous (auto: channels_last)", choices=MEMORY_FORMATS)
+        default="auto", metadata=_help("auto | channels_last | contiguous (auto: time a few steps of each, keep the faster)",
+                                       choices=MEMORY_FORMATS)
     )
-    aug_scale: float = field(default=0.35, metadata=_help("smallest RandomResizedCrop area fraction (1 = no crop aug)"))
+    aug_scale: float = field(default=0.5, metadata=_help("smallest RandomResizedCrop area fraction (1 = no crop aug)"))
     check_images: bool = field(default=True, metadata=_help("decode every image once before training, skip broken ones"))
 
     def __post_init__(self) -> None:

@@ -22,7 +22,7 @@ from finetune.demo_data import write_demo_folder
 from finetune.train import fit
 
 #: The demo's training settings: one budget, shared by the pretrained and the scratch run.
-DEMO_SETTINGS: dict[str, Any] = dict(model="tf_efficientnet_lite0", epochs=3, head_epochs=1, img_size=96,
+DEMO_SETTINGS: dict[str, Any] = dict(model="tf_efficientnet_lite0", epochs=6, head_epochs=1, img_size=96,
                                      batch_size=32, lr=2e-3)
 #: `--quick`: a smoke test of the same path (a few images a class, one small epoch each).
 QUICK_SETTINGS: dict[str, Any] = dict(model="tf_efficientnet_lite0", epochs=2, head_epochs=1, img_size=64,

@@ -56,7 +56,7 @@ _MAX_LABEL_CHARS = 28
 
 
 def _check_scores(scores: torch.Tensor, name: str) -> torch.Tensor:
-    """Validate an [N, C] score tensor and return it detached, on CPU, in float32."""
+    """Validate an [N, C] score tensor and return it detached, on CPU, in float32 (or float64)."""
     if not isinstance(scores, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape [N, C], got {type(scores).__name__}")
     if scores.ndim != 2:
@@ -65,9 +65,11 @@ def _check_scores(scores: torch.Tensor, name: str) -> torch.Tensor:
         raise ValueError(f"{name} is empty (0 samples); metrics need at least one sample")
     if scores.shape[1] == 0:
         raise ValueError(f"{name} has 0 classes; expected shape [N, C] with C >= 1")
-    if not (scores.is_floating_point()):
+    if not scores.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {scores.dtype}")
-    scores = scores.detach().cpu().float()
+    scores = scores.detach().cpu()
+    if scores.dtype != torch.float64:  # half / bfloat16 -> float32; float64 is kept
+        scores = scores.float()
     if not torch.isfinite(scores).all():
         bad = int((~torch.isfinite(scores)).any(dim=1).sum())
         raise ValueError(f"{name} contains NaN or infinite values in {bad} of {scores.shape[0]} rows")
@@ -391,7 +393,8 @@ def plot_curves(rows: Sequence[Mapping[str, float | str]], path: str | os.PathLi
 
     x axis is ``epoch`` (fractional epochs allowed; the row number when the column
     is absent). Panel 1: ``train_loss`` and ``val_loss``; panel 2: ``val_top1``
-    and ``train_top1``; panel 3: ``lr``, only when logged. Values may be numeric
+    and ``train_top1``; panel 3: ``lr`` (or per-group ``lr_*`` columns such as
+    ``lr_head``/``lr_body``), only when logged. Values may be numeric
     strings; missing columns and empty or non-numeric cells are skipped.
 
     >>> import tempfile, pathlib
@@ -419,31 +422,34 @@ def plot_curves(rows: Sequence[Mapping[str, float | str]], path: str | os.PathLi
         pts = [(x, y) for x, y in pts if x is not None and y is not None]
         return ([p[0] for p in pts], [p[1] for p in pts]) if pts else None
 
-    panels: list[tuple[str, list[tuple[str, str]]]] = [
-        ("loss", [("train_loss", "train"), ("val_loss", "val")]),
-        ("top-1 accuracy", [("train_top1", "train"), ("val_top1", "val")]),
+    # (y label, [(column, legend label, colour or None for the default cycle)])
+    panels: list[tuple[str, list[tuple[str, str, str | None]]]] = [
+        ("loss", [("train_loss", "train", "tab:blue"), ("val_loss", "val", "tab:orange")]),
+        ("top-1 accuracy", [("train_top1", "train", "tab:blue"), ("val_top1", "val", "tab:orange")]),
     ]
-    if series("lr") is not None:
-        panels.append(("learning rate", [("lr", "lr")]))
+    # "lr", or one column per parameter group such as "lr_head" / "lr_body".
+    columns = dict.fromkeys(k for r in rows for k in r if isinstance(k, str))
+    lr_keys = [k for k in columns if (k == "lr" or k.startswith("lr_")) and series(k) is not None]
+    if lr_keys:
+        panels.append(("learning rate", [(k, k[3:] or "lr", None) for k in lr_keys]))
 
     fig = _new_figure(5.0 * len(panels), 4.0)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    colors = {"train": "tab:blue", "val": "tab:orange", "lr": "tab:green"}
     for ax, (ylabel, keys) in zip(axes, panels):
         drawn = 0
-        for key, label in keys:
+        for key, label, color in keys:
             s = series(key)
             if s is None:
                 continue
             marker = "o" if len(s[0]) <= 30 else None
-            ax.plot(s[0], s[1], label=label, color=colors[label], marker=marker, markersize=3)
+            ax.plot(s[0], s[1], label=label, color=color, marker=marker, markersize=3)
             drawn += 1
         ax.set_xlabel("epoch" if has_epoch else "log row")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         if drawn == 0:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
-        elif len(keys) > 1:
+        elif drawn > 1:
             ax.legend()
         if ylabel == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))

@@ -112,9 +112,25 @@ def load_model(
         kwargs["num_classes"] = int(num_classes)
     kwargs.update(timm_kwargs)
     model = timm.create_model(name, **kwargs)
+    if num_classes is not None and plan.pretrained and model.num_classes != 1000:
+        _init_fresh_head(model)
     model.eval()
     model.pretrained_cfg = {**model.pretrained_cfg, "weights_source": plan.description}
     return model, resolve_data_config(model, img_size)
+
+
+def _init_fresh_head(model: torch.nn.Module) -> None:
+    """Small-normal init for a new head on pretrained features.
+
+    timm's EfficientNet/MobileNet init draws the classifier from U(±1/sqrt(num_classes)): with 10
+    classes and 1280 pooled features that gives initial logits of magnitude ~10 and a first loss
+    of ~15, which wrecks the first fine-tuning steps. std=0.01 (as in MAE/DeiT fine-tuning)
+    starts at the uniform prediction.
+    """
+    head = model.get_classifier()
+    if isinstance(head, torch.nn.Linear):
+        torch.nn.init.normal_(head.weight, std=0.01)
+        torch.nn.init.zeros_(head.bias)
 
 
 def _load_run(run_dir: Path, img_size: int | None) -> tuple[torch.nn.Module, dict[str, Any]]:

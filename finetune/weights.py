@@ -432,9 +432,11 @@ def _file_plan(name: str, path: Path) -> WeightsPlan:
             changed = True
     num_classes = _file_num_classes(state, classifiers)
     reference = timm.create_model(name, pretrained=False, num_classes=num_classes).state_dict()
-    state = _check_state_dict(state, reference, f"weights file `{path}`", name)
+    checked = _check_state_dict(state, reference, f"weights file `{path}`", name)
+    if set(checked) != set(state):  # BatchNorm counters filled in or dropped: timm loads strictly
+        changed, target = True, cache_dir() / "files" / f"{_sha256(path)}.safetensors"
     if changed and not target.is_file():
-        _save(state, target, {"source": str(path)})
+        _save(checked, target, {"source": str(path)})
     head = f"{num_classes}-class head" if num_classes else "no classifier"
     return WeightsPlan("file", True, dict(file=str(target), num_classes=num_classes),
                        f"weights from file `{path}` ({head})")

@@ -222,6 +222,13 @@ def test_ece_binning():
     assert expected_calibration_error(probs, labels, n_bins=1) == pytest.approx(0.25, abs=1e-6)
 
 
+def test_ece_bin_edges_are_right_closed():
+    # Bins are (lo, hi]: confidence exactly 0.5 falls in the first of two bins, apart from 0.75.
+    probs = torch.tensor([[0.5, 0.25, 0.25], [0.75, 0.125, 0.125]])
+    labels = torch.tensor([0, 1])  # first right, second wrong
+    assert expected_calibration_error(probs, labels, n_bins=2) == pytest.approx(0.5 * 0.5 + 0.5 * 0.75)
+
+
 def test_ece_matches_reference_loop():
     logits, labels = random_case(5, n=500, seed=7)
     probs = torch.softmax(2 * logits, 1).double()
@@ -359,6 +366,16 @@ def test_plot_curves_writes_png_with_lr_panel(tmp_path):
     (w3, h3), (w2, h2) = assert_png(with_lr), assert_png(without_lr)
     assert w3 > w2 * 1.3  # three panels vs two
     assert sorted(p.name for p in tmp_path.iterdir()) == ["with.png", "without.png"]
+
+
+def test_plot_curves_per_group_lr_columns(tmp_path):
+    # train.py logs "lr_head" / "lr_body" rather than "lr": they still get the third panel.
+    rows = [{**r, "lr_head": r["lr"], "lr_body": "0.0" if i < 4 else r["lr"]} for i, r in enumerate(log_rows())]
+    for r in rows:
+        del r["lr"]
+    plot_curves(rows, tmp_path / "groups.png")
+    plot_curves(log_rows(with_lr=False), tmp_path / "none.png")
+    assert assert_png(tmp_path / "groups.png")[0] > assert_png(tmp_path / "none.png")[0] * 1.3
 
 
 @pytest.mark.parametrize(
