@@ -11,7 +11,7 @@ valid choices.
 >>> TrainConfig(data="photos", strategy="freeze")
 Traceback (most recent call last):
 ...
-finetune.errors.FinetuneError: strategy: `freeze` is not valid; choose one of probe, full, finetune
+finetune.errors.FinetuneError: strategy: `freeze` is not valid; choose one of auto, probe, full, finetune
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import yaml
 
 from finetune.errors import FinetuneError
 
-STRATEGIES = ("probe", "full", "finetune")
+STRATEGIES = ("auto", "probe", "full", "finetune")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 BN_MODES = ("auto", "frozen", "train")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
@@ -42,7 +42,7 @@ def _help(text: str, **extra: Any) -> dict[str, Any]:
 class TrainConfig:
     """Everything one fine-tuning run needs. Only ``data`` is required.
 
-    >>> TrainConfig(data="~/photos", model="mobilenetv2_100", epochs=2).strategy
+    >>> TrainConfig(data="~/photos", model="mobilenetv2_100", epochs=2).resolved_strategy
     'finetune'
     """
 
@@ -55,9 +55,10 @@ class TrainConfig:
     out: str | None = field(default=None, metadata=_help("run directory (default runs/<model>-<time>)"))
     epochs: int = field(default=5, metadata=_help("total epochs, head-only epochs included"))
     strategy: str = field(
-        default="finetune",
+        default="auto",
         metadata=_help("probe: train the head only; full: train everything; "
-                       "finetune: head first, then everything with a lower body LR", choices=STRATEGIES),
+                       "finetune: head first, then everything with a lower body LR; "
+                       "auto: finetune for pretrained weights, full for random init", choices=STRATEGIES),
     )
     head_epochs: int = field(default=1, metadata=_help("head-only epochs before unfreezing (strategy finetune)"))
     batch_size: int = field(default=32, metadata=_help("images per step per process"))
@@ -103,7 +104,7 @@ class TrainConfig:
                 raise FinetuneError(f"{name}: `{getattr(self, name)}` must be greater than 0")
         if not 0 <= self.head_epochs:
             raise FinetuneError(f"head_epochs: `{self.head_epochs}` must be 0 or more")
-        if self.strategy == "finetune" and self.head_epochs >= self.epochs:
+        if self.resolved_strategy == "finetune" and self.head_epochs >= self.epochs:
             raise FinetuneError(
                 f"head_epochs: `{self.head_epochs}` leaves no epoch to fine-tune the body "
                 f"(epochs={self.epochs}); lower head_epochs or use strategy probe"
@@ -118,6 +119,13 @@ class TrainConfig:
             raise FinetuneError(f"img_size: `{self.img_size}` is too small; use 16 or more (e.g. 128)")
         if self.warmup_epochs < 0 or self.weight_decay < 0:
             raise FinetuneError("warmup_epochs and weight_decay must be 0 or more")
+
+    @property
+    def resolved_strategy(self) -> str:
+        """``auto`` made concrete: ``finetune`` for pretrained weights, ``full`` for random init."""
+        if self.strategy != "auto":
+            return self.strategy
+        return "full" if self.weights == "none" else "finetune"
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -44,11 +44,10 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, progress
     runs: dict[str, Any] = {}
     for label, weights in (("pretrained", "offline"), ("scratch", "none")):
         print(f"\n== {label}: {settings['model']} with weights={weights} ==")
-        strategy = {} if weights == "offline" else {"strategy": "full"}
-        cfg = TrainConfig(data=str(data), weights=weights, out=str(out / label), **{**settings, **strategy})
+        cfg = TrainConfig(data=str(data), weights=weights, out=str(out / label), **settings)
         result = fit(cfg, progress=progress, overwrite=True)
         runs[label] = {"val_acc": result.metrics["top1"], "seconds": round(result.seconds, 1),
-                       "run_dir": str(result.run_dir), "strategy": cfg.strategy}
+                       "run_dir": str(result.run_dir), "strategy": cfg.resolved_strategy}
 
     summary = {
         "pretrained_val_acc": runs["pretrained"]["val_acc"],

@@ -80,11 +80,12 @@ def plan_phases(cfg: TrainConfig) -> list[Phase]:
     >>> [(p.name, p.epochs) for p in plan_phases(TrainConfig(data=".", epochs=5))]
     [('head', 1), ('body', 4)]
     """
-    if cfg.strategy == "probe":
+    strategy = cfg.resolved_strategy
+    if strategy == "probe":
         return [Phase("head", cfg.epochs, False, cfg.lr, 0.0)]
-    if cfg.strategy == "full" or cfg.head_epochs == 0:
-        body_lr = cfg.lr if cfg.strategy == "full" else cfg.lr * cfg.body_lr_mult
-        return [Phase("full" if cfg.strategy == "full" else "body", cfg.epochs, True, cfg.lr, body_lr)]
+    if strategy == "full" or cfg.head_epochs == 0:
+        body_lr = cfg.lr if strategy == "full" else cfg.lr * cfg.body_lr_mult
+        return [Phase("full" if strategy == "full" else "body", cfg.epochs, True, cfg.lr, body_lr)]
     return [
         Phase("head", cfg.head_epochs, False, cfg.lr, 0.0),
         Phase("body", cfg.epochs - cfg.head_epochs, True, cfg.lr, cfg.lr * cfg.body_lr_mult),
@@ -249,6 +250,7 @@ def _model_meta(cfg: TrainConfig, split: FolderSplit, data_config: dict, model: 
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
         "weights_source": model.pretrained_cfg.get("weights_source"),
         "config": cfg.to_dict(),
+        "strategy": cfg.resolved_strategy,
         "data": {"root": str(split.root), "layout": split.layout, "train_images": len(split.train),
                  "val_images": len(split.val), "skipped_images": len(split.skipped)},
         "versions": {"finetune-vision": __version__, "torch": torch.__version__, "timm": timm.__version__,
