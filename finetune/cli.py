@@ -49,9 +49,10 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)  # validated before the heavy import, so mistakes answer at once
     from finetune.train import fit
 
-    fit(_config_from_args(args), progress=not args.no_progress, overwrite=args.overwrite)
+    fit(config, progress=not args.no_progress, overwrite=args.overwrite)
     return 0
 
 
@@ -129,11 +130,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse answers mistakes with usage + error on two lines; we keep the project's one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"finetune: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune pretrained MobileNet/EfficientNet "
+    parser = _OneLineParser(prog="finetune", description="Fine-tune pretrained MobileNet/EfficientNet "
                                      "classifiers on a folder of images.")
     parser.add_argument("--version", action="version", version=f"finetune-vision {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
 
     train = sub.add_parser("train", help="fine-tune a model on an image folder",
                            epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)

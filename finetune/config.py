@@ -17,6 +17,7 @@ finetune.errors.FinetuneError: strategy: `freeze` is not valid; choose one of au
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -104,7 +105,7 @@ class TrainConfig:
                 raise FinetuneError(f"{name}: `{getattr(self, name)}` must be greater than 0")
         if not 0 <= self.head_epochs:
             raise FinetuneError(f"head_epochs: `{self.head_epochs}` must be 0 or more")
-        if self.resolved_strategy == "finetune" and self.head_epochs >= self.epochs:
+        if self.strategy == "finetune" and self.head_epochs >= self.epochs:
             raise FinetuneError(
                 f"head_epochs: `{self.head_epochs}` leaves no epoch to fine-tune the body "
                 f"(epochs={self.epochs}); lower head_epochs or use strategy probe"
@@ -117,8 +118,9 @@ class TrainConfig:
             raise FinetuneError(f"aug_scale: `{self.aug_scale}` must be in (0, 1]")
         if self.img_size is not None and self.img_size < 16:
             raise FinetuneError(f"img_size: `{self.img_size}` is too small; use 16 or more (e.g. 128)")
-        if self.warmup_epochs < 0 or self.weight_decay < 0:
-            raise FinetuneError("warmup_epochs and weight_decay must be 0 or more")
+        for name in ("warmup_epochs", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise FinetuneError(f"{name}: `{getattr(self, name)}` must be 0 or more")
 
     @property
     def resolved_strategy(self) -> str:
@@ -153,9 +155,11 @@ class TrainConfig:
         """Load a YAML file written by :meth:`to_yaml` (e.g. ``runs/x/recipe.yaml``)."""
         path = Path(path)
         if not path.is_file():
-            raise FinetuneError(f"recipe file `{path}` does not exist")
+            raise FinetuneError(f"recipe file `{path}` does not exist; pass a .yaml file such as RUN_DIR/recipe.yaml")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise FinetuneError(f"recipe file `{path}` is not a text file; pass a .yaml recipe") from None
         except yaml.YAMLError as exc:
             raise FinetuneError(f"recipe file `{path}` is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(data, dict):
@@ -204,11 +208,15 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             number = float(value)  # accepts "1e-3", which YAML 1.1 leaves as a string
         except (TypeError, ValueError):
             raise FinetuneError(f"{name}: `{value}` is not a number") from None
+        if not math.isfinite(number):
+            raise FinetuneError(f"{name}: `{value}` must be a finite number")
         if kind is int:
             if number != int(number):
                 raise FinetuneError(f"{name}: `{value}` must be a whole number")
             return int(number)
         return number
     if kind is str:
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted `no` / `yes` as a boolean
+            return "yes" if value else "no"
         return str(value)
     return value

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from finetune.checkpoint import write_json, write_text
 from finetune.data import ImageDataset, build_transform, list_images, scan_labelled, write_skipped
+from finetune.errors import FinetuneError
 from finetune.metrics import classification_metrics, plot_confusion
 from finetune.models import load_model, read_run_meta
 
@@ -74,6 +75,8 @@ def evaluate(
     ``RUN/eval-<folder name>``) and returns the metrics dict.
     """
     meta = read_run_meta(run_dir)
+    if batch_size < 1:
+        raise FinetuneError(f"batch_size: `{batch_size}` must be at least 1")
     model, data_config = load_model(run_dir, img_size=img_size)
     classes, samples, skipped = scan_labelled(data, classes=list(meta["classes"]))
     out_dir = Path(out) if out else Path(run_dir) / f"eval-{Path(data).expanduser().resolve().name}"
@@ -107,6 +110,10 @@ def predict(
 
     Unreadable files come last, with ``error`` set and no labels.
     """
+    read_run_meta(run_dir)  # a clear error when run_dir is not a run (not a timm name lookup)
+    for name, value in (("top_k", top_k), ("batch_size", batch_size)):
+        if value < 1:
+            raise FinetuneError(f"{name}: `{value}` must be at least 1")
     model, data_config = load_model(run_dir)
     classes = list(model.pretrained_cfg["label_names"])
     paths, skipped = list_images(inputs)

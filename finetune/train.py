@@ -40,7 +40,8 @@ from finetune.config import TrainConfig
 from finetune.data import FolderSplit, ImageDataset, build_transform, class_weights, scan_folder, write_skipped
 from finetune.errors import FinetuneError
 from finetune.metrics import classification_metrics, plot_confusion, plot_curves
-from finetune.models import RUN_FORMAT, RUN_META, RUN_WEIGHTS, load_model
+from finetune.models import RUN_FORMAT, RUN_META, RUN_WEIGHTS, check_model_name, load_model
+from finetune.weights import resolve_weights
 
 LOG_COLUMNS = (
     "epoch", "phase", "lr_head", "lr_body", "train_loss", "train_top1",
@@ -81,14 +82,17 @@ def plan_phases(cfg: TrainConfig) -> list[Phase]:
     [('head', 1), ('body', 4)]
     """
     strategy = cfg.resolved_strategy
+    head_epochs = cfg.head_epochs
+    if cfg.strategy == "auto" and head_epochs >= cfg.epochs:
+        head_epochs = 0  # too short for a head-only phase: train everything, body at the lower LR
     if strategy == "probe":
         return [Phase("head", cfg.epochs, False, cfg.lr, 0.0)]
-    if strategy == "full" or cfg.head_epochs == 0:
+    if strategy == "full" or head_epochs == 0:
         body_lr = cfg.lr if strategy == "full" else cfg.lr * cfg.body_lr_mult
         return [Phase("full" if strategy == "full" else "body", cfg.epochs, True, cfg.lr, body_lr)]
     return [
-        Phase("head", cfg.head_epochs, False, cfg.lr, 0.0),
-        Phase("body", cfg.epochs - cfg.head_epochs, True, cfg.lr, cfg.lr * cfg.body_lr_mult),
+        Phase("head", head_epochs, False, cfg.lr, 0.0),
+        Phase("body", cfg.epochs - head_epochs, True, cfg.lr, cfg.lr * cfg.body_lr_mult),
     ]
 
 
@@ -108,6 +112,8 @@ def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> 
     ``recipe.yaml`` and ``skipped.txt`` when images were skipped.
     """
     started = time.perf_counter()
+    check_model_name(cfg.model)  # cheap mistakes first: nothing scanned or created before these
+    resolve_weights(cfg.model, cfg.weights)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
     set_seed(cfg.seed)
     split = scan_folder(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, check_images=cfg.check_images)
@@ -144,7 +150,7 @@ def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> 
         optimizer = accelerator.prepare_optimizer(optimizer)
         updates_per_epoch = max(1, math.ceil(len(train_loader) / cfg.grad_accum))
         scheduler = CosineLRScheduler(
-            optimizer, t_initial=phase.epochs * updates_per_epoch, lr_min=1e-6,
+            optimizer, t_initial=max(2, phase.epochs * updates_per_epoch), lr_min=1e-6,
             warmup_t=int(cfg.warmup_epochs * updates_per_epoch), warmup_lr_init=1e-6, t_in_epochs=False,
         )
         updates = 0
