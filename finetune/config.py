@@ -17,6 +17,7 @@ finetune.errors.FinetuneError: strategy: `freeze` is not valid; choose one of au
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import types
@@ -111,13 +112,17 @@ class TrainConfig:
                 f"(epochs={self.epochs}); lower head_epochs or use strategy probe"
             )
         if not 0 < self.val_fraction < 1:
-            raise FinetuneError(f"val_fraction: `{self.val_fraction}` must be between 0 and 1 (e.g. 0.2)")
+            raise FinetuneError(f"val_fraction: `{self.val_fraction}` must be greater than 0 and less than 1 "
+                                "(e.g. 0.2); training keeps the best epoch by validation accuracy")
+        for name in ("seed", "num_workers"):
+            if (getattr(self, name) or 0) < 0:
+                raise FinetuneError(f"{name}: `{getattr(self, name)}` must be 0 or more")
         if not 0 <= self.label_smoothing < 1:
             raise FinetuneError(f"label_smoothing: `{self.label_smoothing}` must be in [0, 1)")
         if not 0 < self.aug_scale <= 1:
             raise FinetuneError(f"aug_scale: `{self.aug_scale}` must be in (0, 1]")
-        if self.img_size is not None and self.img_size < 16:
-            raise FinetuneError(f"img_size: `{self.img_size}` is too small; use 16 or more (e.g. 128)")
+        if self.img_size is not None and not 16 <= self.img_size <= 1024:
+            raise FinetuneError(f"img_size: `{self.img_size}` is out of range; use 16 to 1024 (e.g. 128 or 224)")
         for name in ("warmup_epochs", "weight_decay"):
             if getattr(self, name) < 0:
                 raise FinetuneError(f"{name}: `{getattr(self, name)}` must be 0 or more")
@@ -145,7 +150,9 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(merged) - known)
         if unknown:
-            raise FinetuneError(f"unknown key `{unknown[0]}`; valid keys: {', '.join(sorted(known))}")
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f"did you mean `{close[0]}`? " if close else ""
+            raise FinetuneError(f"unknown key `{unknown[0]}`; {hint}valid keys: {', '.join(sorted(known))}")
         if "data" not in merged or merged["data"] in (None, ""):
             raise FinetuneError("`data` is required: the image folder to train on (--data DIR)")
         return cls(**merged)
@@ -153,7 +160,9 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> "TrainConfig":
         """Load a YAML file written by :meth:`to_yaml` (e.g. ``runs/x/recipe.yaml``)."""
-        path = Path(path)
+        path = Path(path).expanduser()
+        if path.is_dir():
+            raise FinetuneError(f"`{path}` is a folder, not a recipe file; to train on it use --data {path}")
         if not path.is_file():
             raise FinetuneError(f"recipe file `{path}` does not exist; pass a .yaml file such as RUN_DIR/recipe.yaml")
         try:

@@ -787,6 +787,15 @@ def build_transform(
     return timm.data.create_transform(**kwargs)
 
 
+def draft_size(data_config: dict) -> int:
+    """JPEG draft size for a model's input: twice its side, so crops and resizes keep full detail.
+
+    >>> draft_size({"input_size": (3, 96, 96)})
+    192
+    """
+    return 2 * int(max(data_config["input_size"][-2:]))
+
+
 def class_weights(samples: Sequence[Sample], num_classes: int) -> torch.Tensor:
     """Inverse-frequency class weights (float32), normalised to mean 1.
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from finetune.checkpoint import write_json, write_text
-from finetune.data import ImageDataset, build_transform, list_images, scan_labelled, write_skipped
+from finetune.data import ImageDataset, build_transform, draft_size, list_images, scan_labelled, write_skipped
 from finetune.errors import FinetuneError
 from finetune.metrics import classification_metrics, plot_confusion
 from finetune.models import load_model, read_run_meta
@@ -59,7 +59,8 @@ def predict_logits(model: nn.Module, loader: Iterable, device: torch.device | No
 
 def _loader(items: Sequence, data_config: dict, batch_size: int, num_workers: int = 0) -> DataLoader:
     transform = build_transform(data_config, train=False)
-    return DataLoader(ImageDataset(items, transform), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    dataset = ImageDataset(items, transform, draft_size=draft_size(data_config))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
 def evaluate(

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from finetune.checkpoint import atomic_path
 
@@ -445,6 +446,8 @@ def plot_curves(rows: Sequence[Mapping[str, float | str]], path: str | os.PathLi
             ax.plot(s[0], s[1], label=label, color=color, marker=marker, markersize=3)
             drawn += 1
         ax.set_xlabel("epoch" if has_epoch else "log row")
+        if all(x is not None and float(x).is_integer() for x in xs):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         if drawn == 0:

