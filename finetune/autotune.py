@@ -1,10 +1,12 @@
 """Measured choice of memory format for training.
 
-Which layout is faster depends on the model, the input size and the CPU/GPU build: measured on a
-2-core x86 CPU with torch 2.14, ``tf_efficientnet_lite0`` trains 7× faster in NCHW than in
-channels_last at 64 px, while ``mobilenetv2_100`` at 96 px is 1.3× faster in channels_last.
-FLOP counts cannot predict this, so we time a few real training steps (hand-written: neither
-timm nor accelerate offers a per-model layout benchmark).
+Which layout is faster depends on the model, the input size, the batch and the CPU/GPU build.
+On this project's 2-core x86 machines with torch 2.14 channels_last trains the two offline
+backbones 1.4-1.8x faster than NCHW (``benchmarks/train_throughput.py``), while DESIGN notes
+resnet18 going the other way (8.9 vs 4.3 img/s). FLOP counts cannot predict this, so we time a
+few real training steps (hand-written: neither timm nor accelerate offers a per-model layout
+benchmark). Under heavy load from other processes the timing is noisy; ``--memory-format``
+forces a choice.
 
 >>> import timm, torch
 >>> model = timm.create_model("mobilenetv3_small_050", num_classes=3)

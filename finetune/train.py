@@ -216,8 +216,8 @@ def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> 
         f"done in {seconds:.0f}s: best val top-1 {metrics['top1']:.4f} (epoch {metrics['best_epoch']}); "
         f"run directory {run_dir}"
     )
-    best = accelerator.unwrap_model(model).to(memory_format=torch.contiguous_format).eval()
-    return FitResult(run_dir=run_dir, metrics=metrics, model=best, classes=split.classes,
+    best_model = accelerator.unwrap_model(model).to(memory_format=torch.contiguous_format).eval()
+    return FitResult(run_dir=run_dir, metrics=metrics, model=best_model, classes=split.classes,
                      history=history, seconds=seconds)
 
 
@@ -255,7 +255,7 @@ def _create_run_dir(run_dir: Path, accelerator: Accelerator, overwrite: bool) ->
 
 def _report_split(split: FolderSplit, run_dir: Path, accelerator: Accelerator) -> None:
     accelerator.print(
-        f"data {split.root}: {len(split.classes)} classes, {len(split.train)} train / {len(split.val)} val images "
+        f"data {split.root}: {len(split.classes)} classes, {len(split.train)} train / {len(split.val)} val images"
         f"; {split.layout}"
     )
     for warning in split.warnings:
