@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from safetensors.torch import load_file
 
 from finetune.checkpoint import read_json
 from finetune.errors import FinetuneError
-from finetune.weights import OFFLINE_MODELS, resolve_weights
+from finetune.weights import OFFLINE_MODELS, check_model_name, resolve_weights  # noqa: F401 (re-export)
 
 #: The families this toolkit is built and tested for (any timm CNN loads, though).
 FAMILY_PATTERNS = ("mobilenet*", "efficientnet*", "tf_efficientnet*")
@@ -35,15 +34,6 @@ def family_models() -> list[str]:
     True
     """
     return sorted(set(timm.list_models(list(FAMILY_PATTERNS))))
-
-
-def check_model_name(name: str) -> None:
-    """Raise a one-line error with close matches when timm does not know ``name``."""
-    if timm.is_model(name):
-        return
-    matches = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
-    hint = f"did you mean {', '.join(matches)}?" if matches else "run `finetune models` for the list"
-    raise FinetuneError(f"unknown model `{name}`; {hint}")
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:

@@ -27,6 +27,7 @@ from typing import Any
 import timm
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from timm.scheduler import CosineLRScheduler
@@ -116,6 +117,9 @@ def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> 
     started = time.perf_counter()
     check_model_name(cfg.model)  # cheap mistakes first: nothing scanned or created before these
     resolve_weights(cfg.model, cfg.weights)
+    # accelerate keeps one AcceleratorState per process and refuses a second fit() with another
+    # mixed precision (notebooks, the demo); drop it, keeping the process group (PartialState).
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
     run_dir = _check_run_dir(cfg, overwrite)
     split = scan_folder(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, check_images=cfg.check_images)

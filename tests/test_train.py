@@ -177,3 +177,15 @@ def test_overwrite_removes_stale_artefacts(messy_folder, digits_folder, tmp_path
     assert not (out / "skipped.txt").exists()  # it described the previous data set
     assert (out / "notes.md").read_text() == "mine"  # files we did not write are left alone
     assert json.loads((out / "model.json").read_text())["num_classes"] == 10
+
+
+@pytest.mark.parametrize("mixed_precision, grad_accum", [("bf16", 1), ("no", 2)])
+def test_bf16_and_grad_accum_in_one_process(digits_folder, tmp_path, mixed_precision, grad_accum):
+    """Two fits with different settings in one process (accelerate's state is per process)."""
+    cfg = TrainConfig(data=str(digits_folder), model="mobilenetv2_100", weights="offline", epochs=2,
+                      img_size=32, batch_size=16, grad_accum=grad_accum, mixed_precision=mixed_precision,
+                      out=str(tmp_path / "run"))
+    result = fit(cfg, progress=False)
+    rows = list(csv.DictReader((result.run_dir / "log.csv").open()))
+    assert len(rows) == 2 and all(float(r["train_loss"]) > 0 for r in rows)
+    assert result.metrics["top1"] > 0.3  # chance is 0.1

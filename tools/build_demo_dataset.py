@@ -63,22 +63,13 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.demo_data import DEMO_CLASSES
+
 DEFAULT_SOURCE_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist
 DEFAULT_OUT = Path("finetune/assets/fashion_mnist_demo.npz")
 
-# Label order of Fashion-MNIST (0..9), as folder-safe names.
-CLASSES: tuple[str, ...] = (
-    "t-shirt_top",
-    "trouser",
-    "pullover",
-    "dress",
-    "coat",
-    "sandal",
-    "shirt",
-    "sneaker",
-    "bag",
-    "ankle_boot",
-)
+# Label order of Fashion-MNIST (0..9), as folder-safe names: one list, kept with the package.
+CLASSES: tuple[str, ...] = DEMO_CLASSES
 
 SPLIT_FILES: dict[str, tuple[str, str]] = {
     # official split -> (images file, labels file)
