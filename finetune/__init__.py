@@ -23,6 +23,10 @@ _EXPORTS = {
     "Prediction": "finetune.inference",
     "load_model": "finetune.models",
     "fit": "finetune.train",
+    "convert_to_separable": "finetune.convert",
+    "apply_plan": "finetune.convert",
+    "reestimate_batchnorm": "finetune.convert",
+    "ConversionReport": "finetune.convert",
     "FitResult": "finetune.train",
 }
 

