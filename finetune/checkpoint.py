@@ -21,6 +21,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
+from safetensors.torch import save_file
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -88,3 +91,24 @@ def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file."""
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU, contiguous copy of ``model.state_dict()`` ready for safetensors.
+
+    safetensors refuses shared or non-contiguous tensors; channels_last weights are non-contiguous.
+    """
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def weights_metadata(meta: dict[str, Any]) -> dict[str, str]:
+    """Class names and preprocessing in the safetensors header too, for users of plain timm."""
+    return {"format": "pt", "architecture": meta["architecture"], "classes": json.dumps(meta["classes"]),
+            "data_config": json.dumps(meta["data_config"])}
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Atomically write ``state`` as safetensors."""
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata or {"format": "pt"})

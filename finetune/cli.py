@@ -136,6 +136,28 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank_arg(text: str) -> int | str:
+    if text == "full":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"`{text}` is not a rank; give a whole number or `full`") from None
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from finetune.conversion import convert_run, format_summary
+
+    result = convert_run(
+        args.source, args.out, rank=args.rank, energy=args.energy, macs=args.macs, form=args.form,
+        include=args.include, exclude=args.exclude, weights=args.weights, num_classes=args.num_classes,
+        img_size=args.img_size, calib_data=args.calib_data, calib_images=args.calib_images,
+        latency=not args.no_latency, overwrite=args.overwrite,
+    )
+    print(format_summary(result))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from finetune.demo import run_demo
 
@@ -186,6 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--offline-only", action="store_true", help="only the models with offline weights")
     mo.add_argument("--prepare", action="store_true", help="convert the offline weights into the cache now")
     mo.set_defaults(func=cmd_models)
+
+    co = sub.add_parser(
+        "convert", help="replace dense k×k convolutions by SVD-initialised depthwise-separable ones",
+        epilog="examples:\n  finetune convert runs/photos --macs 0.4 --calib-data ~/photos --out runs/photos-sep\n"
+               "  finetune convert resnet18 --weights none --num-classes 10 --rank 2 --out runs/r18-sep",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    co.add_argument("source", help="run directory of `finetune train`, or a timm model name")
+    co.add_argument("--out", required=True, help="run directory for the converted model")
+    policy = co.add_mutually_exclusive_group(required=True)
+    policy.add_argument("--rank", type=_rank_arg, help="rank of every converted layer (an integer, or `full`: exact)")
+    policy.add_argument("--energy", type=float, help="per-layer fraction of singular-value energy to keep (e.g. 0.9)")
+    policy.add_argument("--macs", type=float, help="MAC budget as a fraction of the original model (e.g. 0.4)")
+    co.add_argument("--form", default="auto", choices=("auto", "A", "B"),
+                    help="A: depthwise then 1x1; B: 1x1 then depthwise; auto: the cheaper at equal error")
+    co.add_argument("--include", nargs="+", help="only layers whose names match these fnmatch patterns")
+    co.add_argument("--exclude", nargs="+", help="leave layers matching these patterns dense")
+    co.add_argument("--calib-data", help="image folder: re-estimate BatchNorm statistics on it (recommended)")
+    co.add_argument("--calib-images", type=int, default=256, help="calibration images to use (default 256)")
+    co.add_argument("--weights", default="auto", help="for a timm name: auto | offline | hub | none | PATH")
+    co.add_argument("--num-classes", type=int, help="for a timm name: size of the head (default: the model's)")
+    co.add_argument("--img-size", type=int, help="input size for MACs and latency (default: the model's)")
+    co.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    co.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out directory")
+    co.set_defaults(func=cmd_convert)
 
     de = sub.add_parser("demo", help="fine-tune on the embedded Fashion-MNIST subset: pretrained vs scratch")
     de.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

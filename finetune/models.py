@@ -134,6 +134,10 @@ def _load_run(run_dir: Path, img_size: int | None) -> tuple[torch.nn.Module, dic
     meta = read_run_meta(run_dir)
     classes = list(meta["classes"])
     model = timm.create_model(meta["architecture"], pretrained=False, num_classes=len(classes))
+    if meta.get("separable_plan"):  # a converted run: rebuild its layers, no SVD; weights come next
+        from finetune.convert import apply_plan
+
+        model = apply_plan(model, meta["separable_plan"])
     weights_file = run_dir / RUN_WEIGHTS
     if not weights_file.is_file():
         raise FinetuneError(f"`{weights_file}` is missing; the run did not finish saving a model")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import platform
@@ -29,7 +28,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader
@@ -37,7 +36,7 @@ from tqdm.auto import tqdm
 
 from finetune import __version__
 from finetune.autotune import FORMATS, choose_memory_format
-from finetune.checkpoint import atomic_path, write_json, write_text
+from finetune.checkpoint import model_state_dict, save_weights, weights_metadata, write_json, write_text
 from finetune.config import TrainConfig
 from finetune.data import (FolderSplit, ImageDataset, build_transform, class_weights, draft_size, scan_folder,
                            write_skipped)
@@ -190,12 +189,12 @@ def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> 
                 f"val loss {val_loss:.4f} acc {val_top1:.3f} | {row['train_images_per_s']:.1f} img/s"
             )
             if accelerator.is_main_process:
-                state = _state_dict(accelerator.unwrap_model(model))
-                _save_weights(state, run_dir / "checkpoints" / "last.safetensors")
+                state = model_state_dict(accelerator.unwrap_model(model))
+                save_weights(state, run_dir / "checkpoints" / "last.safetensors")
                 if (val_top1, -val_loss) > best:  # ties on accuracy go to the lower loss
                     best = (val_top1, -val_loss)
                     meta["best_epoch"] = epoch
-                    _save_weights(state, run_dir / RUN_WEIGHTS, _weights_metadata(meta))
+                    save_weights(state, run_dir / RUN_WEIGHTS, weights_metadata(meta))
                     write_json(run_dir / RUN_META, meta)
                 _write_log(history, run_dir / "log.csv")
             accelerator.wait_for_everyone()
@@ -404,22 +403,6 @@ def _predict(model, loader, accelerator: Accelerator, memory_format: torch.memor
         all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())
     return torch.cat(all_logits), torch.cat(all_labels)
-
-
-def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared or non-contiguous tensors; channels_last weights are non-contiguous.
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-
-
-def _weights_metadata(meta: dict[str, Any]) -> dict[str, str]:
-    """Class names and preprocessing inside the safetensors header too, for users of plain timm."""
-    return {"format": "pt", "architecture": meta["architecture"], "classes": json.dumps(meta["classes"]),
-            "data_config": json.dumps(meta["data_config"])}
-
-
-def _save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata or {"format": "pt"})
 
 
 def _write_log(rows: list[dict[str, Any]], path: Path) -> None:
