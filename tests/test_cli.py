@@ -185,7 +185,7 @@ def quick(args: list[str], tmp_path: Path) -> Result:
 def test_top_level_help_lists_every_command(tmp_path: Path) -> None:
     result = quick(["--help"], tmp_path)
     assert result.returncode == 0, result
-    for command in ("train", "eval", "predict", "models", "demo"):
+    for command in ("train", "eval", "predict", "models", "demo", "convert"):
         assert command in result.stdout
     version = quick(["--version"], tmp_path)
     assert version.returncode == 0 and "finetune-vision" in version.stdout, version
@@ -197,6 +197,8 @@ HELP_FLAGS = {
     "predict": ["run", "inputs", "--top-k", "--batch-size", "--json", "--csv"],
     "models": ["--offline-only", "--prepare"],
     "demo": ["--out", "--quick", "--no-progress"],
+    "convert": ["source", "--out", "--rank", "--energy", "--macs", "--form", "--calib-data", "--include",
+                "--exclude", "--no-latency"],
 }
 
 
