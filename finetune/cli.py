@@ -56,6 +56,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    if args.teacher is None or args.model is None or args.data is None:
+        raise FinetuneError("distill needs --teacher RUN, --student RUN and --data DIR")
+    if args.lr is None:
+        args.lr = "3.0e-4"  # a low LR: the converted student starts close to the teacher
+    return cmd_train(args)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from finetune.inference import evaluate
 
@@ -185,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out directory")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=cmd_train)
+
+    di = sub.add_parser(
+        "distill", help="train a (converted) student run against its teacher run: KD + feature matching + CE",
+        epilog="example:\n  finetune distill --teacher runs/photos --student runs/photos-sep --data ~/my_photos "
+               "--epochs 5 --out runs/photos-sep-kd", formatter_class=argparse.RawDescriptionHelpFormatter)
+    di.add_argument("recipe", nargs="?", help=argparse.SUPPRESS)
+    di.add_argument("--student", dest="model", help="run directory of the student (e.g. from `finetune convert`)")
+    _add_config_flags(di)
+    di.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out directory")
+    di.add_argument("--no-progress", action="store_true", help="no progress bars")
+    di.set_defaults(func=cmd_distill)
 
     ev = sub.add_parser("eval", help="metrics and confusion matrix of a run on a labelled folder")
     ev.add_argument("run", help="run directory written by `finetune train`")

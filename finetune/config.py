@@ -49,7 +49,8 @@ class TrainConfig:
     """
 
     data: str = field(metadata=_help("image folder: DIR/<class>/* or DIR/train/<class>/* + DIR/val/<class>/*"))
-    model: str = field(default="tf_efficientnet_lite0", metadata=_help("timm model name"))
+    model: str = field(default="tf_efficientnet_lite0",
+                       metadata=_help("timm model name, or a run directory to continue from (e.g. a converted run)"))
     weights: str = field(
         default="auto",
         metadata=_help("auto | offline | hub | none | PATH to .safetensors/.pth (auto: offline if shipped, else hub)"),
@@ -87,6 +88,13 @@ class TrainConfig:
                                        choices=MEMORY_FORMATS)
     )
     aug_scale: float = field(default=0.5, metadata=_help("smallest RandomResizedCrop area fraction (1 = no crop aug)"))
+    teacher: str | None = field(
+        default=None, metadata=_help("run directory of a teacher to distill from (e.g. the run a student was "
+                                     "converted from); the loss becomes KD + feature matching + CE"))
+    kd_alpha: float = field(default=0.5, metadata=_help("distillation: weight of the KD term (CE gets 1 - this)"))
+    kd_temperature: float = field(default=2.0, metadata=_help("distillation: softmax temperature T (KD × T²)"))
+    kd_beta: float = field(default=1.0, metadata=_help("distillation: weight of the per-converted-layer feature "
+                                                        "MSE (0 turns it off)"))
     check_images: bool = field(default=True, metadata=_help("decode every image once before training, skip broken ones"))
 
     def __post_init__(self) -> None:
@@ -119,6 +127,13 @@ class TrainConfig:
                 raise FinetuneError(f"{name}: `{getattr(self, name)}` must be 0 or more")
         if not 0 <= self.label_smoothing < 1:
             raise FinetuneError(f"label_smoothing: `{self.label_smoothing}` must be in [0, 1)")
+        if not 0 <= self.kd_alpha <= 1:
+            raise FinetuneError(f"kd_alpha: `{self.kd_alpha}` must be between 0 and 1")
+        if self.kd_temperature <= 0 or self.kd_beta < 0:
+            raise FinetuneError("kd_temperature must be > 0 and kd_beta >= 0 "
+                                f"(got `{self.kd_temperature}`, `{self.kd_beta}`)")
+        if self.teacher is not None:
+            self.teacher = os.path.expanduser(self.teacher)
         if not 0 < self.aug_scale <= 1:
             raise FinetuneError(f"aug_scale: `{self.aug_scale}` must be in (0, 1]")
         if self.img_size is not None and not 16 <= self.img_size <= 1024:
@@ -129,10 +144,17 @@ class TrainConfig:
 
     @property
     def resolved_strategy(self) -> str:
-        """``auto`` made concrete: ``finetune`` for pretrained weights, ``full`` for random init."""
+        """``auto`` made concrete: ``finetune`` for pretrained weights, ``full`` for random init or a run."""
         if self.strategy != "auto":
             return self.strategy
-        return "full" if self.weights == "none" else "finetune"
+        if self.weights == "none" or self.starts_from_run:
+            return "full"  # random init, or a trained (e.g. converted) run whose head already fits
+        return "finetune"
+
+    @property
+    def starts_from_run(self) -> bool:
+        """``model`` names a run directory (trained or converted) rather than a timm model."""
+        return os.path.isfile(os.path.join(os.path.expanduser(self.model), "model.json"))
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

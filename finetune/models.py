@@ -154,7 +154,8 @@ def _load_run(run_dir: Path, img_size: int | None) -> tuple[torch.nn.Module, dic
     data_config["mean"], data_config["std"] = tuple(data_config["mean"]), tuple(data_config["std"])
     if img_size is not None:
         data_config["input_size"] = (3, int(img_size), int(img_size))
-    model.pretrained_cfg = {**model.pretrained_cfg, **data_config, "label_names": classes, "num_classes": len(classes)}
+    model.pretrained_cfg = {**model.pretrained_cfg, **data_config, "label_names": classes, "num_classes": len(classes),
+                            "weights_source": f"the trained run `{run_dir}`"}
     return model, data_config
 
 

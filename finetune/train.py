@@ -40,9 +40,10 @@ from finetune.checkpoint import model_state_dict, save_weights, weights_metadata
 from finetune.config import TrainConfig
 from finetune.data import (FolderSplit, ImageDataset, build_transform, class_weights, draft_size, scan_folder,
                            write_skipped)
+from finetune.distill import DistillationLoss, feature_layers_from_plan
 from finetune.errors import FinetuneError
 from finetune.metrics import classification_metrics, plot_confusion, plot_curves
-from finetune.models import RUN_FORMAT, RUN_META, RUN_WEIGHTS, check_model_name, load_model
+from finetune.models import RUN_FORMAT, RUN_META, RUN_WEIGHTS, check_model_name, load_model, read_run_meta
 from finetune.weights import resolve_weights
 
 LOG_COLUMNS = (
@@ -114,8 +115,13 @@ def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> 
     ``recipe.yaml`` and ``skipped.txt`` when images were skipped.
     """
     started = time.perf_counter()
-    check_model_name(cfg.model)  # cheap mistakes first: nothing scanned or created before these
-    resolve_weights(cfg.model, cfg.weights)
+    # cheap mistakes first: nothing scanned or created before these
+    source_meta = read_run_meta(cfg.model) if cfg.starts_from_run else None
+    if source_meta is None:
+        check_model_name(cfg.model)
+        resolve_weights(cfg.model, cfg.weights)
+    if cfg.teacher is not None:
+        read_run_meta(cfg.teacher)
     # accelerate keeps one AcceleratorState per process and refuses a second fit() with another
     # mixed precision (notebooks, the demo); drop it, keeping the process group (PartialState).
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -128,15 +134,19 @@ def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> 
     # Seeded after every step that may draw random numbers only sometimes (e.g. the one-off
     # conversion of offline weights), so a run is reproducible whatever the cache holds.
     set_seed(cfg.seed)
-    model, data_config = load_model(cfg.model, weights=cfg.weights, num_classes=len(split.classes),
-                                    img_size=cfg.img_size)
-    pretrained = cfg.weights != "none"
+    if source_meta is not None:
+        model, data_config = load_model(cfg.model, img_size=cfg.img_size)
+        _check_same_classes(cfg.model, source_meta["classes"], split.classes)
+    else:
+        model, data_config = load_model(cfg.model, weights=cfg.weights, num_classes=len(split.classes),
+                                        img_size=cfg.img_size)
+    pretrained = cfg.weights != "none" or source_meta is not None
     freeze_bn = cfg.bn == "frozen" or (cfg.bn == "auto" and pretrained)
     accelerator.print(
         f"model {cfg.model}: {model.pretrained_cfg.get('weights_source')}; "
         f"input {data_config['input_size'][-1]} px; BatchNorm statistics {'frozen' if freeze_bn else 'trained'}"
     )
-    meta = _model_meta(cfg, split, data_config, model)
+    meta = _model_meta(cfg, split, data_config, model, source_meta)
     if accelerator.is_main_process:
         write_json(run_dir / RUN_META, meta)
         write_text(run_dir / "recipe.yaml", cfg.to_yaml())
@@ -148,6 +158,16 @@ def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> 
     train_loader, val_loader = accelerator.prepare(train_loader, val_loader)
     weight = class_weights(split.train, len(split.classes)) if cfg.class_balanced else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing).to(accelerator.device)
+    loss_fn = lambda images, logits, labels: criterion(logits, labels)  # noqa: E731
+    distiller, before = None, {}
+    if cfg.teacher is not None:
+        distiller = _distiller(cfg, model, data_config, split.classes).to(accelerator.device)
+        loss_fn = lambda images, logits, labels: distiller(images, logits, labels)["loss"]  # noqa: E731
+        for label, net in (("teacher_top1", _TeacherView(distiller)), ("student_before_top1", model)):
+            logits, labels = _predict(net.to(accelerator.device), val_loader, accelerator, memory_format, False)
+            before[label] = (logits.argmax(1) == labels).float().mean().item()
+        accelerator.print(f"distilling from {cfg.teacher}: teacher val top-1 {before['teacher_top1']:.4f}, "
+                          f"student before {before['student_before_top1']:.4f}")
 
     history: list[dict[str, Any]] = []
     best, epoch = (-1.0, 0.0), 0
@@ -166,7 +186,7 @@ def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> 
             epoch += 1
             tic = time.perf_counter()
             train_loss, train_top1, seen, updates, mean_lrs = _train_epoch(
-                model, train_loader, optimizer, scheduler, criterion, accelerator,
+                model, train_loader, optimizer, scheduler, loss_fn, accelerator,
                 freeze_bn=freeze_bn, memory_format=memory_format, updates=updates,
                 desc=f"epoch {epoch}/{cfg.epochs} ({phase.name})", progress=progress,
             )
@@ -205,6 +225,13 @@ def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> 
     logits, labels = _predict(model, val_loader, accelerator, memory_format, progress=False)
     metrics = classification_metrics(logits, labels, split.classes)
     metrics["best_epoch"] = meta.get("best_epoch")
+    if distiller is not None:
+        metrics["distillation"] = {**before, "student_after_top1": metrics["top1"], "teacher": cfg.teacher}
+        distiller.close()
+        accelerator.print("\n".join(["", f"{'model':<28}{'val top-1':>10}",
+                                      f"{'teacher':<28}{before['teacher_top1']:>10.4f}",
+                                      f"{'student before distillation':<28}{before['student_before_top1']:>10.4f}",
+                                      f"{'student after distillation':<28}{metrics['top1']:>10.4f}"]))
     seconds = time.perf_counter() - started
     metrics["train_seconds"] = seconds
     if accelerator.is_main_process:
@@ -269,10 +296,11 @@ def _report_split(split: FolderSplit, run_dir: Path, accelerator: Accelerator) -
             write_skipped(split.skipped, run_dir / "skipped.txt")
 
 
-def _model_meta(cfg: TrainConfig, split: FolderSplit, data_config: dict, model: nn.Module) -> dict[str, Any]:
-    return {
+def _model_meta(cfg: TrainConfig, split: FolderSplit, data_config: dict, model: nn.Module,
+                source_meta: dict[str, Any] | None) -> dict[str, Any]:
+    meta = {
         "format": RUN_FORMAT,
-        "architecture": cfg.model,
+        "architecture": source_meta["architecture"] if source_meta else cfg.model,
         "num_classes": len(split.classes),
         "classes": split.classes,
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
@@ -286,6 +314,45 @@ def _model_meta(cfg: TrainConfig, split: FolderSplit, data_config: dict, model: 
         "created": datetime.now().isoformat(timespec="seconds"),
         "status": "running",
     }
+    if source_meta is not None:
+        meta["started_from"] = cfg.model
+        if source_meta.get("separable_plan"):
+            meta["separable_plan"] = source_meta["separable_plan"]
+    if cfg.teacher is not None:
+        meta["teacher"] = cfg.teacher
+    return meta
+
+
+def _check_same_classes(run: str, run_classes: list[str], data_classes: list[str]) -> None:
+    if list(run_classes) != list(data_classes):
+        raise FinetuneError(
+            f"`{run}` was trained on classes {', '.join(run_classes[:6])}{'…' if len(run_classes) > 6 else ''} "
+            f"but the data folder has {', '.join(data_classes[:6])}{'…' if len(data_classes) > 6 else ''}; "
+            "use the same class folders (or train a new head from a timm model name)"
+        )
+
+
+class _TeacherView(nn.Module):
+    """The teacher as the student's data loader sees it (re-normalised to the teacher's mean/std)."""
+
+    def __init__(self, distiller: DistillationLoss) -> None:
+        super().__init__()
+        self.distiller = distiller
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.distiller.teacher(self.distiller.teacher_input(images))
+
+
+def _distiller(cfg: TrainConfig, student: nn.Module, data_config: dict, classes: list[str]) -> DistillationLoss:
+    teacher, teacher_config = load_model(cfg.teacher, img_size=cfg.img_size)
+    _check_same_classes(cfg.teacher, teacher.pretrained_cfg["label_names"], classes)
+    plan_layers = feature_layers_from_plan(student) if getattr(student, "separable_plan", None) else []
+    return DistillationLoss(
+        teacher, student, alpha=cfg.kd_alpha, temperature=cfg.kd_temperature,
+        beta=cfg.kd_beta if plan_layers else 0.0, feature_layers=plan_layers or None,
+        teacher_mean_std=(teacher_config["mean"], teacher_config["std"]),
+        student_mean_std=(data_config["mean"], data_config["std"]),
+    )
 
 
 def _loaders(cfg: TrainConfig, split: FolderSplit, data_config: dict) -> tuple[DataLoader, DataLoader]:
@@ -348,7 +415,7 @@ def _freeze_bn_stats(model: nn.Module) -> None:
             module.eval()
 
 
-def _train_epoch(model, loader, optimizer, scheduler, criterion, accelerator: Accelerator, *, freeze_bn: bool,
+def _train_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator: Accelerator, *, freeze_bn: bool,
                  memory_format: torch.memory_format, updates: int, desc: str,
                  progress: bool) -> tuple[float, float, int, int, list[float]]:
     model.train()
@@ -366,7 +433,7 @@ def _train_epoch(model, loader, optimizer, scheduler, criterion, accelerator: Ac
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 logits = model(images)
-                loss = criterion(logits, labels)
+                loss = loss_fn(images, logits, labels)
             if not torch.isfinite(loss):
                 raise FinetuneError(
                     f"loss became {loss.item()} at step {step} of {desc} (lr {optimizer.param_groups[0]['lr']:.2e}); "

@@ -62,3 +62,36 @@ def test_nothing_to_convert_is_one_line_error(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("finetune: error:") and "nothing worth converting" in lines[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_distill_converted_student_from_its_teacher(resnet_run, digits_folder, tmp_path):
+    """convert (rank 1) → distill through the `finetune train` loop → a run that reloads separable."""
+    import csv
+
+    from finetune.convert import SeparableConv2d
+
+    convert_run(resnet_run.run_dir, tmp_path / "sep", rank=1, calib_data=digits_folder, calib_images=64,
+                latency=False)
+    cfg = TrainConfig(data=str(digits_folder), model=str(tmp_path / "sep"), teacher=str(resnet_run.run_dir),
+                      epochs=3, img_size=32, batch_size=32, lr=3e-4, out=str(tmp_path / "kd"))
+    assert cfg.resolved_strategy == "full"  # a run already has its head
+    result = fit(cfg, progress=False)
+    report = result.metrics["distillation"]
+    # the teacher figure is the teacher's own accuracy on the same validation split
+    assert report["teacher_top1"] == pytest.approx(resnet_run.metrics["top1"], abs=1e-6)
+    assert report["student_after_top1"] == result.metrics["top1"]
+    rows = list(csv.DictReader((tmp_path / "kd" / "log.csv").open()))
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])  # the KD objective goes down
+    student, _ = load_model(tmp_path / "kd")
+    assert any(isinstance(m, SeparableConv2d) for m in student.modules())
+    assert json.loads((tmp_path / "kd" / "model.json").read_text())["teacher"] == str(resnet_run.run_dir)
+    again = evaluate(tmp_path / "kd", digits_folder, out=tmp_path / "eval")
+    assert again["num_samples"] == 400
+
+
+def test_distill_with_other_classes_is_refused(resnet_run, messy_folder, tmp_path):
+    from finetune.errors import FinetuneError
+
+    with pytest.raises(FinetuneError, match="trained on classes"):
+        fit(TrainConfig(data=str(messy_folder), model=str(resnet_run.run_dir), teacher=str(resnet_run.run_dir),
+                        epochs=1, out=str(tmp_path / "x")), progress=False)
