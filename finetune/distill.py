@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from finetune.convert.surgery import model_device
 from finetune.errors import FinetuneError
 
 MeanStd = Union[tuple[Sequence[float], Sequence[float]], tuple[torch.Tensor, torch.Tensor], None]
@@ -70,12 +71,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _device_of(model: nn.Module) -> torch.device | None:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return None
 
 
 def feature_layers_from_plan(student: nn.Module) -> list[str]:
@@ -350,7 +345,7 @@ class DistillationLoss(nn.Module):
         if self.teacher.training:  # someone called teacher.train() directly
             self.teacher.eval()
         try:
-            t_dev = _device_of(self.teacher)
+            t_dev = model_device(self.teacher)
             with torch.no_grad():
                 t_in = self.teacher_input(images if t_dev is None else images.to(t_dev))
                 teacher_logits = _first_tensor(self.teacher(t_in))
@@ -458,7 +453,7 @@ def compare_outputs(
     try:
         for batch in batches:
             images, labels = _split_batch(batch)
-            s_dev, t_dev = _device_of(student), _device_of(teacher)
+            s_dev, t_dev = model_device(student), model_device(teacher)
             s_logits = _first_tensor(student(images.to(s_dev) if s_dev is not None else images))
             t_in = images.to(t_dev) if t_dev is not None else images
             if t_stats is not None and s_stats is not None:

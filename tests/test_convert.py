@@ -19,6 +19,7 @@ from timm.layers.padding import pad_same as timm_pad_same
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from helpers import randomize_bn
 from finetune.convert import (
     ConversionReport,
     LayerGeometry,
@@ -46,21 +47,6 @@ def _one_thread():
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach(), b.detach()
     return float((a - b).norm() / b.norm())
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN affine + running stats: timm zero-inits the last BN of each residual block,
-    which would hide any error in the conv before it."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
 from finetune.convert import convert_to_separable, reestimate_batchnorm
+from helpers import randomize_bn
 from finetune.distill import DistillationLoss, compare_outputs, feature_layers_from_plan
 from finetune.errors import FinetuneError
 
@@ -33,15 +34,7 @@ def tiny_resnet(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, channels=(8, 16, 16, 16), stem_width=8,
                    zero_init_last=False)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    randomize_bn(model, seed)
     return model.eval()
 
 

@@ -191,7 +191,8 @@ def _si(value: int | None) -> str:
 # Helpers: running the example input, counting MACs, replacing modules
 # --------------------------------------------------------------------------------------------
 
-def _model_device(model: nn.Module) -> torch.device | None:
+def model_device(model: nn.Module) -> torch.device | None:
+    """Device of the first parameter (or buffer); ``None`` for a module with neither."""
     for tensor in model.parameters():
         return tensor.device
     for tensor in model.buffers():
@@ -250,7 +251,7 @@ def count_macs(model: nn.Module, example_input: ExampleInput) -> int:
     >>> count_macs(nn.Conv2d(3, 8, 3, padding=1), torch.randn(2, 3, 4, 4))   # 8·3·9 per pixel, 16 pixels
     3456
     """
-    example = _to_device(example_input, _model_device(model))
+    example = _to_device(example_input, model_device(model))
     counter = FlopCounterMode(display=False)
     with counter:
         _run(model, example)
@@ -450,7 +451,7 @@ def convert_to_separable(
             messages.append(f"no example_input: MACs counted at the model's pretrained_cfg "
                             f"input_size {list(example.shape)}")
     if example is not None:
-        example = _to_device(example, _model_device(work))
+        example = _to_device(example, model_device(work))
         report.input_shape = tuple(example.shape) if isinstance(example, torch.Tensor) else None
         report.macs_before = count_macs(work, example)
         calls = _record_calls(work, dict(candidates), example)
