@@ -1,4 +1,4 @@
-"""The ``finetune`` command line: train, eval, predict, models, demo.
+"""The ``finetune`` command line: train, eval, predict, models, demo, convert, distill.
 
 Every user mistake ends in one line on stderr (``finetune: error: …``) and exit code 2.
 
@@ -12,7 +12,7 @@ import argparse
 import csv
 import json
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 from finetune import __version__
 from finetune.config import TrainConfig, base_type, field_help
