@@ -158,6 +158,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     result = convert_run(
         args.source, args.out, rank=args.rank, energy=args.energy, macs=args.macs, form=args.form,
+        objective=args.objective, force=args.force,
         include=args.include, exclude=args.exclude, weights=args.weights, num_classes=args.num_classes,
         img_size=args.img_size, calib_data=args.calib_data, calib_images=args.calib_images,
         latency=not args.no_latency, overwrite=args.overwrite,
@@ -241,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--macs", type=float, help="MAC budget as a fraction of the original model (e.g. 0.4)")
     co.add_argument("--form", default="auto", choices=("auto", "A", "B"),
                     help="A: depthwise then 1x1; B: 1x1 then depthwise; auto: the cheaper at equal error")
+    co.add_argument("--objective", default="accuracy", choices=("accuracy", "latency"),
+                    help="latency: time every layer variant on this device and never keep one slower than "
+                         "the dense layer")
+    co.add_argument("--force", action="store_true", help="with --objective latency: convert even slower layers")
     co.add_argument("--include", nargs="+", help="only layers whose names match these fnmatch patterns")
     co.add_argument("--exclude", nargs="+", help="leave layers matching these patterns dense")
     co.add_argument("--calib-data", help="image folder: re-estimate BatchNorm statistics on it (recommended)")

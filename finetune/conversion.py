@@ -80,6 +80,8 @@ def convert_run(
     energy: float | None = None,
     macs: float | None = None,
     form: str = "auto",
+    objective: str = "accuracy",
+    force: bool = False,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     weights: str = "auto",
@@ -107,6 +109,7 @@ def convert_run(
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         student = convert_to_separable(teacher, rank=rank, energy=energy, macs=macs, form=form,
+                                       objective=objective, force=force,
                                        example_input=example, include=include, exclude=exclude)
     report = student.conversion_report
     if report.nothing_converted:

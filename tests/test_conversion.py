@@ -95,3 +95,15 @@ def test_distill_with_other_classes_is_refused(resnet_run, messy_folder, tmp_pat
     with pytest.raises(FinetuneError, match="trained on classes"):
         fit(TrainConfig(data=str(messy_folder), model=str(resnet_run.run_dir), teacher=str(resnet_run.run_dir),
                         epochs=1, out=str(tmp_path / "x")), progress=False)
+
+
+def test_latency_objective_keeps_no_slower_layer(resnet_run, tmp_path):
+    convert_run(resnet_run.run_dir, tmp_path / "lat", rank=1, objective="latency", latency=False)
+    report = json.loads((tmp_path / "lat" / "convert.json").read_text())["report"]
+    assert report["objective"] == "latency"
+    for layer in report["layers"]:
+        if layer["form"] != "dense":  # its own measurement says the separable variant is faster
+            assert layer["separable_ms"] <= layer["dense_ms"]
+        else:
+            assert layer["reason"]
+    load_model(tmp_path / "lat")  # the plan (possibly with dense layers left) reloads

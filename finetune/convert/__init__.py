@@ -8,6 +8,8 @@ Pure torch (timm only matters for the timm conv subclasses it recognises). Modul
 * :mod:`~finetune.convert.surgery` – :func:`convert_to_separable`, :func:`apply_plan`,
   :class:`ConversionReport`, :func:`count_macs`;
 * :mod:`~finetune.convert.batchnorm` – :func:`reestimate_batchnorm`.
+* :mod:`~finetune.convert.latency` – measured latency: whole models (:func:`measure_latency`) and
+  one layer against its separable variants (``convert_to_separable(objective="latency")``).
 
 >>> import torch, timm
 >>> from finetune.convert import convert_to_separable, reestimate_batchnorm

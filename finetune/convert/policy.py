@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Collection, Mapping, Optional, Sequence, Tuple
 
 from finetune.convert.layers import (
     ChannelSVD,
@@ -142,14 +142,17 @@ class _Option:
     choice: Choice
 
 
-def _frontier(svds: Mapping[Form, ChannelSVD], geom: LayerGeometry) -> list[_Option]:
+def _frontier(svds: Mapping[Form, ChannelSVD], geom: LayerGeometry,
+              allowed: Collection[tuple[Form, int]] | None = None) -> list[_Option]:
     """All (MACs, error) options of a layer, Pareto-pruned: cost up, error strictly down.
-    Keeping the layer dense (error 0 at the dense cost) is one of them."""
+    Keeping the layer dense (error 0 at the dense cost) is one of them; ``allowed`` (when given)
+    limits the separable ones to those ``(form, rank)`` pairs."""
     options = [_Option(float(geom.dense_cost()), 0.0, None)]
     for form, svd in svds.items():
         dropped = svd.dropped_energy()
         for r in range(1, svd.max_rank + 1):
-            options.append(_Option(float(geom.cost(form, r)), float(dropped[r]), (form, r)))
+            if allowed is None or (form, r) in allowed:
+                options.append(_Option(float(geom.cost(form, r)), float(dropped[r]), (form, r)))
     options.sort(key=lambda o: (o.macs, o.err, o.choice is not None))
     pareto: list[_Option] = []
     for o in options:
@@ -176,10 +179,15 @@ def _lower_hull(points: list[_Option]) -> list[_Option]:
 def allocate_macs(
     layers: Sequence[tuple[LayerGeometry, Mapping[Form, ChannelSVD]]],
     budget: float,
+    allowed: Mapping[str, Collection[tuple[Form, int]]] | None = None,
 ) -> dict[str, Choice]:
     """Greedy rank allocation: the layers' MACs together stay ≤ ``budget`` (MACs per image
     left for these layers once everything unconverted is paid for), minimising the sum of
     per-layer errors (dropped σ² / ‖W‖²). Returns ``{name: (form, rank) or None (dense)}``.
+
+    ``allowed`` maps a layer name to the ``(form, rank)`` variants it may take (keeping it dense
+    is always allowed); layers not in it may take any. ``objective="latency"`` passes the
+    variants measured faster than the dense layer.
 
     Raises :class:`FinetuneError` when even the cheapest option of every layer does not fit.
 
@@ -192,7 +200,8 @@ def allocate_macs(
     >>> allocate_macs([(geom, svds)], budget=geom.cost("A", 2))
     {'conv': ('A', 2)}
     """
-    fronts = {geom.name: _frontier(svds, geom) for geom, svds in layers}
+    fronts = {geom.name: _frontier(svds, geom, None if allowed is None else allowed.get(geom.name))
+              for geom, svds in layers}
     hulls = {name: _lower_hull(front) for name, front in fronts.items()}
     current = {name: front[0] for name, front in fronts.items()}  # cheapest option each
     spent = sum(o.macs for o in current.values())

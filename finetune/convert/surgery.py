@@ -50,18 +50,23 @@ from finetune.convert.layers import (
     effective_weight,
     has_dynamic_same_padding,
 )
+from finetune.convert.latency import LayerTiming, memory_format_of, time_layer_variants
 from finetune.convert.policy import (
     Choice,
     LayerGeometry,
     allocate_macs,
     choose_for_energy,
     choose_for_rank,
+    energy_rank,
 )
 from finetune.errors import FinetuneError
 
 ExampleInput = Union[torch.Tensor, Sequence[Any], Mapping[str, Any]]
 Patterns = Union[str, Sequence[str], None]
 Plan = list[dict[str, Any]]
+
+OBJECTIVES = ("accuracy", "latency")
+LATENCY_MAX_RANK = 4  # macs= with objective="latency" times ranks 1..4 (and the MAC policy's pick)
 
 __all__ = [
     "ConversionReport",
@@ -83,8 +88,16 @@ class LayerReport:
     """One dense k×k conv that was considered.
 
     ``form`` is ``"A"``/``"B"`` for a converted layer, ``"dense"`` where the ``macs`` budget was
-    best spent keeping it. MACs are per image at the example input's size (``None`` without
-    one). ``weight_error`` is ``‖W − Ŵ‖_F / ‖W‖_F``; ``energy_kept`` is ``1 − weight_error²``.
+    best spent keeping it (or, with ``objective="latency"``, where no variant beat it). MACs are
+    per image at the example input's size (``None`` without one). ``weight_error`` is
+    ``‖W − Ŵ‖_F / ‖W‖_F``; ``energy_kept`` is ``1 − weight_error²``.
+
+    Only with ``objective="latency"`` (else ``None``): ``dense_ms`` and ``separable_ms`` are the
+    layer's measured milliseconds per call at the latency batch size (summed over its calls) –
+    ``separable_ms`` for the chosen variant, or for the fastest candidate when the layer was kept
+    dense; ``candidates_ms`` maps every timed variant (``"A1"`` = Form A, rank 1) to its time;
+    ``reason`` says why a layer stayed dense (e.g. ``"slower than dense: 0.41 ms vs 0.38 ms"``)
+    or that a slower variant was forced.
     """
 
     name: str
@@ -100,6 +113,10 @@ class LayerReport:
     params_after: int
     weight_error: float
     energy_kept: float
+    dense_ms: float | None = None
+    separable_ms: float | None = None
+    candidates_ms: dict[str, float] | None = None
+    reason: str | None = None
 
 
 @dataclass
@@ -109,7 +126,10 @@ class ConversionReport:
     ``macs_before``/``macs_after`` are whole-model MACs per image counted by
     ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2) on the example input (``None``
     without one); ``skipped`` lists every other ``Conv2d`` with the reason; ``messages`` holds
-    notes such as "nothing worth converting". ``str(report)`` is a table; ``to_dict()`` is JSON-ready.
+    notes such as "nothing worth converting". ``objective`` is ``"accuracy"`` or ``"latency"``;
+    for the latter ``latency_setup`` records where the layers were timed (device, dtype, memory
+    format, batch size, threads, margin, force). ``str(report)`` is a table; ``to_dict()`` is
+    JSON-ready.
     """
 
     policy: str
@@ -121,6 +141,8 @@ class ConversionReport:
     params_after: int = 0
     input_shape: tuple[int, ...] | None = None
     messages: list[str] = field(default_factory=list)
+    objective: str = "accuracy"
+    latency_setup: dict[str, Any] | None = None
 
     @property
     def converted(self) -> list[LayerReport]:
@@ -151,8 +173,9 @@ class ConversionReport:
 
     def table(self) -> str:
         """The report as a fixed-width text table."""
+        timed = any(layer.dense_ms is not None for layer in self.layers)
         rows = [("layer", "kernel", "stride", "form", "rank", "MACs before → after", "params before → after",
-                 "w.err")]
+                 "w.err") + (("ms dense → sep", "note") if timed else ())]
         for layer in self.layers:
             n, cg, kh, kw = layer.shape
             kernel = f"{n}x{cg}x{kh}x{kw}" + (f"/g{layer.groups}" if layer.groups > 1 else "")
@@ -160,11 +183,18 @@ class ConversionReport:
             macs = (f"{_si(layer.macs_before)} → {_si(layer.macs_after)}"
                     if layer.macs_before is not None else "?")
             params = f"{_si(layer.params_before)} → {_si(layer.params_after)}"
-            rows.append((layer.name, kernel, "x".join(map(str, layer.stride)), layer.form, rank, macs,
-                         params, f"{layer.weight_error:.3f}"))
+            row = (layer.name, kernel, "x".join(map(str, layer.stride)), layer.form, rank, macs,
+                   params, f"{layer.weight_error:.3f}")
+            if timed:
+                ms = (f"{layer.dense_ms:.3f} → {layer.separable_ms:.3f}"
+                      if layer.dense_ms is not None and layer.separable_ms is not None else "?")
+                row += (ms, layer.reason or "")
+            rows.append(row)
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         total = f"policy {self.policy}: {len(self.converted)} of {len(self.layers)} layers converted"
+        if self.objective != "accuracy":
+            total = f"objective {self.objective}, {total}"
         if self.macs_ratio is not None:
             total += (f"; MACs/image {_si(self.macs_before)} → {_si(self.macs_after)} "
                       f"({self.macs_ratio:.3f}x, FlopCounterMode at input {list(self.input_shape or [])})")
@@ -267,9 +297,10 @@ def _default_example(model: nn.Module) -> torch.Tensor | None:
     return torch.zeros(1, *[int(s) for s in size])
 
 
-def _record_calls(model: nn.Module, convs: Mapping[str, nn.Conv2d],
-                  example: ExampleInput) -> dict[str, list[tuple[int, int]]]:
-    """(input pixels, output pixels) per image for each call of each conv, by forward hooks."""
+def _record_calls(model: nn.Module, convs: Mapping[str, nn.Conv2d], example: ExampleInput,
+                  shapes: dict[str, list[tuple[int, ...]]] | None = None) -> dict[str, list[tuple[int, int]]]:
+    """(input pixels, output pixels) per image for each call of each conv, by forward hooks;
+    when ``shapes`` is given, each call's full input shape is appended to ``shapes[name]``."""
     calls: dict[str, list[tuple[int, int]]] = {name: [] for name in convs}
 
     def hook_for(name: str):
@@ -278,6 +309,8 @@ def _record_calls(model: nn.Module, convs: Mapping[str, nn.Conv2d],
                 return  # called with keyword input only: its MACs stay unknown (0)
             x = args[0]
             calls[name].append((int(x.shape[-2] * x.shape[-1]), int(output.shape[-2] * output.shape[-1])))
+            if shapes is not None:
+                shapes.setdefault(name, []).append(tuple(int(d) for d in x.shape))
         return hook
 
     handles = [conv.register_forward_hook(hook_for(name)) for name, conv in convs.items()]
@@ -386,6 +419,166 @@ def _check_policy(rank: RankArg | None, energy: float | None, macs: float | None
     return f"{key}={value}"
 
 
+def _check_objective(objective: str, force: bool, memory_format: str, batch_size: int, repeats: int,
+                     margin: float) -> bool:
+    """Validate the objective and its timing options; True for ``objective="latency"``."""
+    if objective not in OBJECTIVES:
+        raise FinetuneError(f"objective must be one of {', '.join(map(repr, OBJECTIVES))}, got {objective!r}")
+    memory_format_of(memory_format)
+    if not isinstance(force, bool):
+        raise FinetuneError(f"force must be True or False, got {force!r}")
+    if force and objective != "latency":
+        raise FinetuneError("force=True lifts the latency objective's slower-than-dense veto: "
+                            "pass objective='latency' with it")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise FinetuneError(f"latency_batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise FinetuneError(f"latency_repeats must be a positive int, got {repeats!r}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < 1.0:
+        raise FinetuneError(f"latency_margin must be a fraction in [0, 1), got {margin!r}")
+    return objective == "latency"
+
+
+# --------------------------------------------------------------------------------------------
+# objective="latency": time each layer's candidates, veto those not faster than dense
+# --------------------------------------------------------------------------------------------
+
+_VETO_PREFIXES = ("slower than dense", "not faster than dense", "not run by example_input")
+
+
+def _label(choice: tuple[Form, int]) -> str:
+    return f"{choice[0]}{choice[1]}"
+
+
+def _latency_candidates(svds: Mapping[Form, ChannelSVD], policy_choice: Choice, rank: RankArg | None,
+                        energy: float | None) -> list[tuple[Form, int]]:
+    """The variants the policy would consider for one layer: ``rank``: that rank (clipped to the
+    exact rank); ``energy``: the energy rank; ``macs``: ranks 1..LATENCY_MAX_RANK; in each form,
+    plus the accuracy policy's own pick."""
+    out: list[tuple[Form, int]] = []
+    for f, svd in svds.items():
+        if rank is not None:
+            ranks = [svd.max_rank if rank == "full" else min(int(rank), svd.max_rank)]
+        elif energy is not None:
+            ranks = [energy_rank(svd, float(energy))]
+        else:
+            ranks = list(range(1, min(LATENCY_MAX_RANK, svd.max_rank) + 1))
+        out += [(f, r) for r in ranks if (f, r) not in out]
+    if policy_choice is not None and policy_choice not in out:
+        out.append(policy_choice)
+    return out
+
+
+def _choose_by_latency(
+    candidates: Sequence[tuple[str, nn.Conv2d]],
+    svds: Mapping[str, Mapping[Form, ChannelSVD]],
+    geoms: Mapping[str, LayerGeometry],
+    policy_choices: Mapping[str, Choice],
+    shapes: Mapping[str, list[tuple[int, ...]]],
+    *,
+    rank: RankArg | None,
+    energy: float | None,
+    budget: float | None,
+    macs: float | None,
+    force: bool,
+    memory_format: str,
+    batch_size: int,
+    repeats: int,
+    margin: float,
+    report: ConversionReport,
+) -> tuple[dict[str, Choice], dict[str, dict[str, Any]]]:
+    """Time every layer's candidates against the dense conv and choose among those faster than
+    it (all of them with ``force``). Returns the choices and, per layer, the LayerReport timing
+    fields (``dense_ms``, ``separable_ms``, ``candidates_ms``, ``reason``)."""
+    weight = candidates[0][1].weight
+    report.latency_setup = {
+        "device": str(weight.device), "dtype": str(weight.dtype).replace("torch.", ""),
+        "memory_format": memory_format, "batch_size": batch_size, "threads": torch.get_num_threads(),
+        "repeats": repeats, "margin": margin, "force": force,
+    }
+    cands: dict[str, list[tuple[Form, int]]] = {}
+    timings: dict[str, LayerTiming | None] = {}
+    allowed: dict[str, list[tuple[Form, int]]] = {}
+    for name, conv in candidates:
+        cands[name] = _latency_candidates(svds[name], policy_choices[name], rank, energy)
+        if not shapes.get(name):
+            timings[name] = None  # the example input never reached this conv
+            allowed[name] = list(cands[name]) if force else []
+            continue
+        variants = {c: SeparableConv2d.from_dense(conv, c[1], c[0], svd=svds[name][c[0]]) for c in cands[name]}
+        timings[name] = timing = time_layer_variants(conv, variants, shapes[name], batch_size=batch_size,
+                                                     memory_format=memory_format, repeats=repeats)
+        allowed[name] = [c for c in cands[name] if force or timing.faster(c, margin)]
+
+    def fastest(name: str, among: Sequence[tuple[Form, int]]) -> tuple[Form, int]:
+        timing = timings[name]
+        if timing is None:  # forced without a measurement: the accuracy policy's pick if allowed
+            pick = policy_choices[name]
+            return pick if pick in among else among[0]  # type: ignore[return-value]
+        return min(among, key=lambda c: timing.variants[c].seconds)
+
+    choices: dict[str, Choice] = {}
+    if budget is None:  # rank= / energy=: the fastest allowed variant, else dense
+        choices = {name: fastest(name, allowed[name]) if allowed[name] else None for name, _ in candidates}
+    else:
+        def cheapest(name: str) -> Choice:
+            geom = geoms[name]
+            options: list[tuple[float, int, Choice]] = [(float(geom.dense_cost()), 0, None)]
+            options += [(float(geom.cost(*c)), i + 1, c) for i, c in enumerate(allowed[name])]
+            return min(options, key=lambda o: (o[0], o[1]))[2]
+
+        floor_choices = {name: cheapest(name) for name, _ in candidates}
+        need = sum(geoms[n].dense_cost() if c is None else geoms[n].cost(*c) for n, c in floor_choices.items())
+        if need <= budget * (1 + 1e-12):
+            choices = allocate_macs([(geoms[name], svds[name]) for name, _ in candidates], budget,
+                                    allowed={name: set(allowed[name]) for name, _ in candidates})
+        else:
+            assert report.macs_before and macs is not None
+            fixed = float(macs) * report.macs_before - budget  # MACs outside the convertible layers
+            left = (fixed + need) / report.macs_before
+            report.messages.append(
+                f"macs={macs} cannot be met with variants measured faster than dense: the cheapest such "
+                f"choices leave {left:.3f} of the original MACs; kept the faster-than-dense choices "
+                "(cheapest in MACs per layer; pass force=True to allow slower variants)")
+            choices = floor_choices
+
+    notes: dict[str, dict[str, Any]] = {}
+    for name, _ in candidates:
+        timing, choice = timings[name], choices[name]
+        if timing is None:
+            notes[name] = {"reason": "not run by example_input: its latency could not be measured"
+                           if choice is None else "forced: not run by example_input, latency unmeasured"}
+            continue
+        dense_ms = timing.dense_s * 1e3
+        cand_ms = {_label(c): timing.variants[c].seconds * 1e3 for c in cands[name]}
+        shown = choice if choice is not None else fastest(name, cands[name])
+        sep_ms = timing.variants[shown].seconds * 1e3
+        reason: str | None = None
+        if choice is None:
+            if allowed[name]:  # a variant was allowed, the macs= allocation preferred dense
+                reason = "kept dense: the MAC budget is better spent on other layers"
+            elif sep_ms >= dense_ms:
+                reason = f"slower than dense: {sep_ms:.3f} ms vs {dense_ms:.3f} ms"
+            else:
+                reason = (f"not faster than dense by the {margin:.0%} margin: {sep_ms:.3f} ms vs "
+                          f"{dense_ms:.3f} ms")
+        elif not timing.faster(choice, margin):
+            reason = f"forced: {sep_ms:.3f} ms vs {dense_ms:.3f} ms dense"
+        notes[name] = {"dense_ms": dense_ms, "separable_ms": sep_ms, "candidates_ms": cand_ms, "reason": reason}
+
+    setup = report.latency_setup
+    timed = [(notes[n]["dense_ms"], notes[n]["separable_ms"]) for n, _ in candidates
+             if choices[n] is not None and notes[n].get("dense_ms") is not None]
+    report.messages.append(
+        f"objective latency: each convertible layer timed on {setup['device']} {setup['dtype']} "
+        f"{memory_format} at batch {batch_size} with {setup['threads']} thread(s), dense vs "
+        f"{sum(len(c) for c in cands.values())} candidate variant(s), {repeats} interleaved rounds; a "
+        f"variant must beat dense by {margin:.0%}" + (" (force=True: veto lifted)" if force else "")
+        + (f"; converted layers {sum(d for d, _ in timed):.3f} ms dense → {sum(s for _, s in timed):.3f} ms"
+           if timed else ""))
+    return choices, notes
+
+
 # --------------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------------
@@ -402,6 +595,12 @@ def convert_to_separable(
     exclude: Patterns = None,
     min_in_channels: int = 5,
     inplace: bool = False,
+    objective: str = "accuracy",
+    force: bool = False,
+    memory_format: str = "contiguous",
+    latency_batch_size: int = 1,
+    latency_repeats: int = 7,
+    latency_margin: float = 0.05,
 ) -> nn.Module:
     """Replace dense k×k convs by SVD-initialised :class:`SeparableConv2d` modules.
 
@@ -421,6 +620,22 @@ def convert_to_separable(
     EfficientNet: only an RGB stem is a dense k×k conv) the model comes back unconverted, the
     report's ``messages`` say why and a ``UserWarning`` is issued.
 
+    ``objective``: ``"accuracy"`` (default) takes what the policy picks from weights and MACs
+    alone. ``"latency"`` also *measures* each convertible layer on the model's current device
+    and dtype, in ``memory_format`` (``"contiguous"`` or ``"channels_last"``), at the input
+    shape(s) it saw in ``example_input`` with batch ``latency_batch_size`` (default 1), using the
+    current torch thread count: the dense conv and every candidate variant the policy would
+    consider (``rank``: that rank; ``energy``: the energy rank; ``macs``: ranks 1–4 and the MAC
+    policy's pick; in each allowed form) are timed interleaved (``latency_repeats`` rounds,
+    medians; :func:`~finetune.convert.latency.time_layer_variants`). A variant counts as faster
+    only if it beats dense by ``latency_margin`` (5%) both in median time and in the median of
+    paired per-round ratios. ``rank``/``energy`` take the fastest such variant; ``macs`` allocates
+    the budget among such variants (keeping the faster-than-dense choices and saying so in
+    ``messages`` when the budget cannot be met with them). A layer with no faster variant stays
+    dense, its :class:`LayerReport` ``reason`` saying ``"slower than dense: X ms vs Y ms"``,
+    unless ``force=True`` (which lifts that veto; only valid with ``objective="latency"``). The
+    timings land in each layer's ``dense_ms`` / ``separable_ms`` / ``candidates_ms``.
+
     BN statistics after a lossy conversion are stale: call
     :func:`~finetune.convert.reestimate_batchnorm` on a few training batches next.
 
@@ -437,13 +652,16 @@ def convert_to_separable(
     policy = _check_policy(rank, energy, macs)
     if form not in ("A", "B", "auto"):
         raise FinetuneError(f"form must be 'A', 'B' or 'auto', got {form!r}")
+    latency = _check_objective(objective, force, memory_format, latency_batch_size, latency_repeats,
+                               latency_margin)
     work = model if inplace else copy.deepcopy(model)
     candidates, skipped = find_convertible(work, include=include, exclude=exclude,
                                            min_in_channels=min_in_channels)
-    report = ConversionReport(policy=policy, skipped=skipped)
+    report = ConversionReport(policy=policy, skipped=skipped, objective=objective)
     report.params_before = sum(p.numel() for p in work.parameters())
 
     messages = report.messages
+    shapes: dict[str, list[tuple[int, ...]]] = {}
     example = example_input
     if example is None:
         example = _default_example(work)
@@ -454,12 +672,15 @@ def convert_to_separable(
         example = _to_device(example, model_device(work))
         report.input_shape = tuple(example.shape) if isinstance(example, torch.Tensor) else None
         report.macs_before = count_macs(work, example)
-        calls = _record_calls(work, dict(candidates), example)
+        calls = _record_calls(work, dict(candidates), example, shapes)
     else:
         calls = {name: [] for name, _ in candidates}
         if macs is not None:
             raise FinetuneError("macs= needs the layers' spatial sizes: pass example_input="
                                 "(e.g. torch.randn(1, 3, 224, 224))")
+        if latency:
+            raise FinetuneError("objective='latency' times each layer at the input sizes it sees: pass "
+                                "example_input= (e.g. torch.randn(1, 3, 224, 224))")
 
     geoms = {name: _geometry(name, conv, calls[name]) for name, conv in candidates}
     if report.macs_before and candidates and example is not None:
@@ -491,6 +712,7 @@ def convert_to_separable(
     }
 
     choices: dict[str, Choice]
+    budget_left: float | None = None  # MACs per image left for the convertible layers (macs=)
     if rank is not None:
         choices = {name: choose_for_rank(svds[name], geoms[name], rank) for name, _ in candidates}
     elif energy is not None:
@@ -505,7 +727,15 @@ def convert_to_separable(
             raise FinetuneError(f"macs={macs} cannot be met: rank 1 in every convertible layer still "
                                 f"leaves {floor:.3f} of the original MACs; pass macs>={floor:.3f}, "
                                 "or include more layers / lower min_in_channels")
-        choices = allocate_macs([(geoms[name], svds[name]) for name, _ in candidates], budget - fixed)
+        budget_left = budget - fixed
+        choices = allocate_macs([(geoms[name], svds[name]) for name, _ in candidates], budget_left)
+
+    notes: dict[str, dict[str, Any]] = {}
+    if latency:
+        choices, notes = _choose_by_latency(
+            candidates, svds, geoms, choices, shapes, rank=rank, energy=energy,
+            budget=budget_left, macs=macs, force=force, memory_format=memory_format, batch_size=latency_batch_size,
+            repeats=latency_repeats, margin=latency_margin, report=report)
 
     plan: Plan = []
     more_expensive = []
@@ -517,7 +747,7 @@ def convert_to_separable(
         if choice is None:
             report.layers.append(LayerReport(**base, form="dense", rank=None, max_rank=None,  # type: ignore[arg-type]
                                              macs_after=geom.dense_macs(), params_after=geom.dense_params(),
-                                             weight_error=0.0, energy_kept=1.0))
+                                             weight_error=0.0, energy_kept=1.0, **notes.get(name, {})))
             continue
         f, r = choice
         svd = svds[name][f]
@@ -527,7 +757,7 @@ def convert_to_separable(
         err = svd.weight_error(r)
         layer = LayerReport(**base, form=f, rank=r, max_rank=svd.max_rank,  # type: ignore[arg-type]
                             macs_after=geom.macs(f, r), params_after=geom.params(f, r),
-                            weight_error=err, energy_kept=1.0 - err * err)
+                            weight_error=err, energy_kept=1.0 - err * err, **notes.get(name, {}))
         report.layers.append(layer)
         if geom.cost(f, r) > geom.dense_cost():
             more_expensive.append(name)
@@ -535,6 +765,20 @@ def convert_to_separable(
         messages.append(f"{len(more_expensive)} converted layer(s) cost more MACs than dense at the "
                         f"chosen rank (e.g. {more_expensive[0]}); use macs= to keep those dense")
     kept = [layer.name for layer in report.layers if layer.form == "dense"]
+    if latency:
+        vetoed = [layer.name for layer in report.layers if layer.form == "dense" and layer.reason
+                  and layer.reason.startswith(_VETO_PREFIXES)]
+        if vetoed:
+            messages.append(f"{len(vetoed)} layer(s) kept dense: no candidate variant was measured faster "
+                            f"than the dense layer (e.g. {vetoed[0]}); pass force=True to convert anyway")
+        budgeted = [layer.name for layer in report.layers if layer.form == "dense" and layer.name not in vetoed]
+        if budgeted:
+            messages.append(f"{len(budgeted)} layer(s) kept dense: the MAC budget is better spent on other "
+                            "layers")
+        if not plan:
+            messages.append("nothing converted: no candidate variant was measured faster than its dense layer"
+                            if vetoed else "nothing converted: the MAC budget is met with every layer dense")
+        return finish(plan)
     if kept:
         messages.append(f"{len(kept)} layer(s) kept dense: the budget is better spent there")
     if not plan:
