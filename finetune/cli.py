@@ -160,7 +160,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         args.source, args.out, rank=args.rank, energy=args.energy, macs=args.macs, form=args.form,
         objective=args.objective, force=args.force,
         include=args.include, exclude=args.exclude, weights=args.weights, num_classes=args.num_classes,
-        img_size=args.img_size, calib_data=args.calib_data, calib_images=args.calib_images,
+        img_size=args.img_size, calib_data=args.calib_data, calib_images=args.calib_images, refit=not args.no_refit,
         latency=not args.no_latency, overwrite=args.overwrite,
     )
     print(format_summary(result))
@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--exclude", nargs="+", help="leave layers matching these patterns dense")
     co.add_argument("--calib-data", help="image folder: re-estimate BatchNorm statistics on it (recommended)")
     co.add_argument("--calib-images", type=int, default=256, help="calibration images to use (default 256)")
+    co.add_argument("--no-refit", action="store_true",
+                    help="with --calib-data: skip the least-squares refit of the converted layers on the "
+                         "teacher's outputs (BatchNorm is still re-estimated)")
     co.add_argument("--weights", default="auto", help="for a timm name: auto | offline | hub | none | PATH")
     co.add_argument("--num-classes", type=int, help="for a timm name: size of the head (default: the model's)")
     co.add_argument("--img-size", type=int, help="input size for MACs and latency (default: the model's)")

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from finetune import __version__
 from finetune.checkpoint import model_state_dict, save_weights, weights_metadata, write_json
-from finetune.convert import convert_to_separable, reestimate_batchnorm
+from finetune.convert import convert_to_separable, layer_output_errors, reestimate_batchnorm, refit_pointwise
 from finetune.convert.latency import compare_latency
 from finetune.data import ImageDataset, build_transform, draft_size, list_images
 from finetune.errors import FinetuneError
@@ -89,6 +89,7 @@ def convert_run(
     img_size: int | None = None,
     calib_data: str | os.PathLike | None = None,
     calib_images: int = 256,
+    refit: bool = True,
     latency: bool = True,
     overwrite: bool = False,
     seed: int = 0,
@@ -119,10 +120,17 @@ def convert_run(
     result: dict[str, Any] = {"source": source, "report": report.to_dict()}
     if calib_data is not None:
         loader = _calibration_loader(calib_data, data_config, calib_images, seed)
+        batches = [images for images, _ in loader]  # replayed layer by layer by the refit
+        errors = layer_output_errors(teacher, student, batches)
+        for layer in result["report"]["layers"]:
+            layer["output_error"] = errors.get(layer["name"])  # the layer's own error, on the teacher's input
         result["agreement_before_bn"] = _agreement(teacher, student, loader)
-        reestimate_batchnorm(student, loader)
+        if refit:  # least squares on the teacher's layer outputs, before BN re-estimation (order matters)
+            refitted = refit_pointwise(teacher, student, batches)
+            result["refit"] = {name: {"before": b, "after": a} for name, (b, a) in refitted.items()}
+        reestimate_batchnorm(student, batches)
         result["agreement"] = _agreement(teacher, student, loader)
-        result["calibration"] = {"folder": str(calib_data), "images": len(loader.dataset)}
+        result["calibration"] = {"folder": str(calib_data), "images": len(loader.dataset), "refit": refit}
     if latency:
         result["latency"] = compare_latency(teacher, student, input_size)
 
@@ -155,9 +163,15 @@ def format_summary(result: dict[str, Any]) -> str:
     lines = [result["table"]]
     if "agreement" in result:
         before, after = result["agreement_before_bn"], result["agreement"]
+        steps = "least-squares refit + BatchNorm re-estimation" if result["calibration"]["refit"] else \
+            "BatchNorm re-estimation"
+        errors = [f"{layer['name']} {layer['output_error']:.3f}" for layer in result["report"]["layers"]
+                  if layer.get("output_error") is not None]
+        if errors:
+            lines.append("per-layer output error on calibration images: " + ", ".join(errors))
         lines.append(
             f"teacher vs converted on {after['images']} calibration images: top-1 agreement "
-            f"{before['top1_agreement']:.3f} -> {after['top1_agreement']:.3f} after BatchNorm re-estimation "
+            f"{before['top1_agreement']:.3f} -> {after['top1_agreement']:.3f} after {steps} "
             f"(relative logit error {before['relative_logit_error']:.3f} -> {after['relative_logit_error']:.3f})"
         )
     for row in result.get("latency", []):

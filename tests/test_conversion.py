@@ -40,7 +40,10 @@ def test_budget_conversion_with_calibration(resnet_run, digits_folder, tmp_path)
     result = convert_run(resnet_run.run_dir, out, macs=0.5, calib_data=digits_folder, calib_images=64)
     saved = json.loads((out / "convert.json").read_text())
     assert saved["report"]["macs_after"] <= 0.5 * saved["report"]["macs_before"] * 1.0001
-    assert saved["calibration"]["images"] == 64
+    assert saved["calibration"]["images"] == 64 and saved["calibration"]["refit"] is True
+    converted = [layer for layer in saved["report"]["layers"] if layer["form"] != "dense"]
+    assert converted and all(layer["output_error"] >= 0 for layer in converted)
+    assert all(v["after"] < v["before"] for v in saved["refit"].values())  # the refit lowers every layer's error
     assert 0.0 <= saved["agreement"]["top1_agreement"] <= 1.0
     assert {row["batch_size"] for row in saved["latency"]} == {1, 32}
     assert all(row["teacher_ms"] > 0 and row["student_ms"] > 0 for row in saved["latency"])

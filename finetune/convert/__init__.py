@@ -24,6 +24,7 @@ Pure torch (timm only matters for the timm conv subclasses it recognises). Modul
 
 from finetune.convert.batchnorm import reestimate_batchnorm
 from finetune.convert.layers import ChannelSVD, SeparableConv2d, channel_svd, effective_weight
+from finetune.convert.refit import layer_output_errors, refit_pointwise
 from finetune.convert.policy import LayerGeometry, allocate_macs, energy_rank
 from finetune.convert.surgery import (
     ConversionReport,
@@ -50,5 +51,7 @@ __all__ = [
     "effective_weight",
     "energy_rank",
     "find_convertible",
+    "layer_output_errors",
+    "refit_pointwise",
     "reestimate_batchnorm",
 ]
