@@ -2,12 +2,12 @@
 
 A timm ``resnet18`` trained from random init on the embedded Fashion-MNIST subset (3,000 train /
 1,000 val images from Debian's ``dataset-fashion-mnist``; see finetune/assets) is the teacher.
-It is converted at ``macs=0.4`` and at ``rank=1`` (BatchNorm re-estimated on the training
-images), each student distilled for a few epochs through ``finetune``'s training loop, and the
-teacher / converted / distilled validation accuracies are printed with the MAC and parameter
+It is converted at ``macs=0.4`` and at ``rank=1`` (least-squares refit of the converted layers
+and BatchNorm re-estimation on 256 training images), each student is distilled for a few epochs
+through ``finetune``'s training loop, and the teacher / converted / distilled validation accuracies are printed with the MAC and parameter
 ratios and the measured batch-1 latency ratio (teacher time / student time; > 1 = faster).
 
-    .venv/bin/python benchmarks/convert_resnet18.py                 # ≈ 4 min on 2 idle cores
+    .venv/bin/python benchmarks/convert_resnet18.py                 # ≈ 2 min on 2 idle cores
     .venv/bin/python benchmarks/convert_resnet18.py --teacher-epochs 2 --distill-epochs 1   # quick
 
 Writes OUT/convert_resnet18.json (default OUT = runs/bench-convert-resnet18).
@@ -52,7 +52,7 @@ def main() -> None:
                         progress=False, overwrite=True)
         base = {"macs_ratio": report["macs_ratio"], "params_ratio": report["params_ratio"],
                 "latency_ratio_b1": b1["speedup"]}
-        rows.append({"model": f"{label} converted (BN re-estimated)", "val_top1": before, **base})
+        rows.append({"model": f"{label} converted (refit + BN)", "val_top1": before, **base})
         rows.append({"model": f"{label} distilled {args.distill_epochs} ep", "val_top1": distilled.metrics["top1"],
                      **base})
 
