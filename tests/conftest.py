@@ -142,3 +142,18 @@ def _build_messy_folder(root: Path) -> Path:
 def messy_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of mixed formats and junk; see :func:`_build_messy_folder` for its contents."""
     return _build_messy_folder(tmp_path_factory.mktemp("messy"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a test module on one intra-op thread, then restore the thread count.
+
+    Tests made of many tiny tensor ops are several times faster that way on the 2-core CI
+    machines (thread barriers dominate; measured up to 50x for batched small SVDs).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

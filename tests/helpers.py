@@ -19,3 +19,9 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
     return model
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error ‖a − b‖ / ‖b‖."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm())

@@ -19,7 +19,7 @@ from timm.layers.padding import pad_same as timm_pad_same
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import randomize_bn
+from helpers import randomize_bn, rel_err
 from finetune.convert import (
     ConversionReport,
     LayerGeometry,
@@ -36,17 +36,11 @@ from finetune.convert.layers import pad_same
 from finetune.errors import FinetuneError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread: these tests run many tiny ops, where 2 threads on 2 shared cores are
+# many times slower (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module")

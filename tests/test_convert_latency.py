@@ -28,12 +28,9 @@ VETO = re.compile(r"^(slower than dense|not faster than dense by the \d+% margin
                   r"\d+\.\d+ ms vs \d+\.\d+ ms$")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread: these tests run many tiny ops, where 2 threads on 2 shared cores are
+# many times slower (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

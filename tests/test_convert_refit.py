@@ -19,24 +19,18 @@ from timm.layers import Conv2dSame
 from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
-from helpers import randomize_bn
+from helpers import randomize_bn, rel_err
 from finetune.convert import SeparableConv2d, convert_to_separable, reestimate_batchnorm
 from finetune.convert import refit as refit_module
 from finetune.convert.refit import layer_output_errors, refit_pointwise
 from finetune.errors import FinetuneError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread: these tests run many tiny ops, where 2 threads on 2 shared cores are
+# many times slower (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,9 @@ from finetune.distill import DistillationLoss, compare_outputs, feature_layers_f
 from finetune.errors import FinetuneError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread: these tests run many tiny ops, where 2 threads on 2 shared cores are
+# many times slower (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_resnet(seed: int = 0) -> nn.Module:
