@@ -48,7 +48,7 @@ def main() -> None:
         b1 = next(r for r in converted["latency"] if r["batch_size"] == 1 and r["memory_format"] == "contiguous")
         before = evaluate(sep_dir, data / "val", out=sep_dir / "eval-val")["top1"]
         distilled = fit(TrainConfig(model=str(sep_dir), teacher=str(teacher.run_dir), epochs=args.distill_epochs,
-                                    lr=3e-4, out=str(out / f"kd-{label.replace('=', '')}"), **common),
+                                    out=str(out / f"kd-{label.replace('=', '')}"), **common),
                         progress=False, overwrite=True)
         base = {"macs_ratio": report["macs_ratio"], "params_ratio": report["params_ratio"],
                 "latency_ratio_b1": b1["speedup"]}

@@ -59,8 +59,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     if args.teacher is None or args.model is None or args.data is None:
         raise FinetuneError("distill needs --teacher RUN, --student RUN and --data DIR")
-    if args.lr is None:
-        args.lr = "3.0e-4"  # a low LR: the converted student starts close to the teacher
     return cmd_train(args)
 
 
