@@ -156,7 +156,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     result = convert_run(
         args.source, args.out, rank=args.rank, energy=args.energy, macs=args.macs, form=args.form,
-        objective=args.objective, force=args.force,
+        objective=args.objective, force=args.force, latency_batch_size=args.latency_batch,
+        latency_memory_format=args.latency_memory_format,
         include=args.include, exclude=args.exclude, weights=args.weights, num_classes=args.num_classes,
         img_size=args.img_size, calib_data=args.calib_data, calib_images=args.calib_images, refit=not args.no_refit,
         latency=not args.no_latency, overwrite=args.overwrite,
@@ -244,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="latency: time every layer variant on this device and never keep one slower than "
                          "the dense layer")
     co.add_argument("--force", action="store_true", help="with --objective latency: convert even slower layers")
+    co.add_argument("--latency-batch", type=int, default=1,
+                    help="with --objective latency: batch size to time layers at (your deployment batch; default 1)")
+    co.add_argument("--latency-memory-format", default="contiguous", choices=("contiguous", "channels_last"),
+                    help="with --objective latency: memory format to time layers in (default contiguous)")
     co.add_argument("--include", nargs="+", help="only layers whose names match these fnmatch patterns")
     co.add_argument("--exclude", nargs="+", help="leave layers matching these patterns dense")
     co.add_argument("--calib-data", help="image folder: re-estimate BatchNorm statistics on it (recommended)")

@@ -82,6 +82,8 @@ def convert_run(
     form: str = "auto",
     objective: str = "accuracy",
     force: bool = False,
+    latency_batch_size: int = 1,
+    latency_memory_format: str = "contiguous",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     weights: str = "auto",
@@ -110,7 +112,8 @@ def convert_run(
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         student = convert_to_separable(teacher, rank=rank, energy=energy, macs=macs, form=form,
-                                       objective=objective, force=force,
+                                       objective=objective, force=force, latency_batch_size=latency_batch_size,
+                                       memory_format=latency_memory_format,
                                        example_input=example, include=include, exclude=exclude)
     report = student.conversion_report
     if report.nothing_converted:

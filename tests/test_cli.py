@@ -198,7 +198,7 @@ HELP_FLAGS = {
     "models": ["--offline-only", "--prepare"],
     "demo": ["--out", "--quick", "--no-progress"],
     "convert": ["source", "--out", "--rank", "--energy", "--macs", "--form", "--calib-data", "--include",
-                "--exclude", "--no-latency", "--objective", "--force", "--no-refit"],
+                "--exclude", "--no-latency", "--objective", "--force", "--no-refit", "--latency-batch", "--latency-memory-format"],
     "distill": ["--teacher", "--student", "--data", "--kd-alpha", "--kd-temperature", "--kd-beta", "--epochs"],
 }
 
