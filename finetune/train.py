@@ -449,7 +449,8 @@ def _train_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator: Acce
         total_loss += loss.detach() * labels.size(0)
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += labels.size(0)
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if not bar.disable:  # .item() waits for the device; only pay it when a bar shows the value
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     totals = accelerator.reduce(torch.stack([total_loss, correct, torch.tensor(float(seen), device=accelerator.device)]),
                                 reduction="sum")
     n = max(totals[2].item(), 1.0)
