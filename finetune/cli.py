@@ -166,6 +166,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from finetune.compare import compare, format_rows
+
+    rows = compare(args.data, model=args.model, rank=args.rank, epochs=args.epochs, img_size=args.img_size,
+                   out=args.out, test_data=args.test_data, lr=args.lr, batch_size=args.batch_size,
+                   progress=not args.no_progress)
+    print(format_rows(rows))
+    print(f"evaluated on {args.test_data or 'the validation split'}; details in {args.out}/compare.json")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from finetune.demo import run_demo
 
@@ -262,6 +273,20 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     co.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out directory")
     co.set_defaults(func=cmd_convert)
+
+    cp = sub.add_parser("compare", help="train a standard-conv CNN and its depthwise-separable twin from scratch, "
+                        "side by side: accuracy, params, MACs, measured latency")
+    cp.add_argument("--data", required=True, help="labelled image folder (DIR/<class>/* or DIR/train + DIR/val)")
+    cp.add_argument("--test-data", help="held-out labelled folder for the final accuracy (default: the val split)")
+    cp.add_argument("--model", default="resnet18", help="timm CNN with dense k×k convolutions (default resnet18)")
+    cp.add_argument("--rank", type=int, default=1, help="rank of the separable twin's layers (default 1)")
+    cp.add_argument("--epochs", type=int, default=5)
+    cp.add_argument("--img-size", type=int, default=32)
+    cp.add_argument("--lr", type=float, default=2e-3)
+    cp.add_argument("--batch-size", type=int, default=64)
+    cp.add_argument("--out", default="runs/compare")
+    cp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cp.set_defaults(func=cmd_compare)
 
     de = sub.add_parser("demo", help="fine-tune on the embedded Fashion-MNIST subset: pretrained vs scratch")
     de.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
