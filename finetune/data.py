@@ -511,6 +511,36 @@ def scan_labelled(
     return names, samples, [Skipped(p, bad[p]) for p in sorted(bad)]
 
 
+def is_unlabelled_folder(root: str | os.PathLike) -> bool:
+    """True for a folder of loose images with no class sub-folders (usable for distillation).
+
+    >>> import tempfile, pathlib
+    >>> from PIL import Image
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> Image.new("RGB", (8, 8)).save(d / "a.png")
+    >>> is_unlabelled_folder(d)
+    True
+    """
+    root = Path(root).expanduser()
+    return root.is_dir() and not _subdirs(root) and _loose_images(root) > 0
+
+
+def scan_unlabelled(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0,
+                    check_images: bool = True) -> FolderSplit:
+    """Split a folder of loose images (labels ``-1``) into train/val, seeded (for distillation)."""
+    root = _check_root(root)
+    paths, skipped = list_images([root], check_images=check_images)
+    if len(paths) < 2:
+        raise FinetuneError(f"`{root}` holds {len(paths)} readable image(s); distillation needs at least 2")
+    order = list(paths)
+    random.Random(f"{seed}/unlabelled").shuffle(order)
+    n_val = max(1, round(len(order) * val_fraction))
+    val, train = sorted(order[:n_val]), sorted(order[n_val:])
+    return FolderSplit(root=root, classes=[], train=[Sample(p, -1) for p in train],
+                       val=[Sample(p, -1) for p in val], skipped=list(skipped),
+                       layout=f"unlabelled images (split with val_fraction={val_fraction}, seed={seed})")
+
+
 def list_images(
     paths: Sequence[str | os.PathLike], check_images: bool = True
 ) -> tuple[list[Path], list[Skipped]]:

@@ -38,8 +38,8 @@ from finetune import __version__
 from finetune.autotune import FORMATS, choose_memory_format
 from finetune.checkpoint import model_state_dict, save_weights, weights_metadata, write_json, write_text
 from finetune.config import TrainConfig
-from finetune.data import (FolderSplit, ImageDataset, build_transform, class_weights, draft_size, scan_folder,
-                           write_skipped)
+from finetune.data import (FolderSplit, ImageDataset, Sample, build_transform, class_weights, draft_size,
+                           is_unlabelled_folder, scan_folder, scan_unlabelled, write_skipped)
 from finetune.distill import DistillationLoss, feature_layers_from_plan
 from finetune.errors import FinetuneError
 from finetune.metrics import classification_metrics, plot_confusion, plot_curves
@@ -127,7 +127,16 @@ def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> 
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
     run_dir = _check_run_dir(cfg, overwrite)
-    split = scan_folder(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, check_images=cfg.check_images)
+    # Distillation also works on a folder of loose, unlabelled images: the KD (+ feature) terms need
+    # no labels, and the teacher's predictions serve as validation labels.
+    unlabelled = cfg.teacher is not None and is_unlabelled_folder(cfg.data)
+    if unlabelled and source_meta is None:
+        raise FinetuneError("an unlabelled folder can only train a student run: pass --student RUN_DIR "
+                            "(e.g. from `finetune convert`) with --teacher")
+    scan = scan_unlabelled if unlabelled else scan_folder
+    split = scan(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, check_images=cfg.check_images)
+    if unlabelled:
+        split.classes = list(source_meta["classes"])
     _create_run_dir(run_dir, accelerator, overwrite)
     _report_split(split, run_dir, accelerator)
 
@@ -136,7 +145,8 @@ def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> 
     set_seed(cfg.seed)
     if source_meta is not None:
         model, data_config = load_model(cfg.model, img_size=cfg.img_size)
-        _check_same_classes(cfg.model, source_meta["classes"], split.classes)
+        if not unlabelled:
+            _check_same_classes(cfg.model, source_meta["classes"], split.classes)
     else:
         model, data_config = load_model(cfg.model, weights=cfg.weights, num_classes=len(split.classes),
                                         img_size=cfg.img_size)
@@ -162,7 +172,14 @@ def fit(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> 
     distiller, before = None, {}
     if cfg.teacher is not None:
         distiller = _distiller(cfg, model, data_config, split.classes).to(accelerator.device)
-        loss_fn = lambda images, logits, labels: distiller(images, logits, labels)["loss"]  # noqa: E731
+        loss_fn = lambda images, logits, labels: distiller(  # noqa: E731
+            images, logits, None if unlabelled else labels)["loss"]
+        if unlabelled:
+            split.val = _teacher_labels(_TeacherView(distiller), split.val, data_config, accelerator.device)
+            _, val_loader = _loaders(cfg, split, data_config)
+            val_loader = accelerator.prepare(val_loader)
+            meta["data"]["val_labels"] = "teacher predictions (unlabelled folder): val top-1 = agreement"
+            accelerator.print("unlabelled folder: validation accuracy is agreement with the teacher's predictions")
         for label, net in (("teacher_top1", _TeacherView(distiller)), ("student_before_top1", model)):
             logits, labels = _predict(net.to(accelerator.device), val_loader, accelerator, memory_format, False)
             before[label] = (logits.argmax(1) == labels).float().mean().item()
@@ -332,6 +349,15 @@ def _check_same_classes(run: str, run_classes: list[str], data_classes: list[str
         )
 
 
+@torch.no_grad()
+def _teacher_labels(teacher: nn.Module, samples: list, data_config: dict, device: torch.device) -> list:
+    """The samples relabelled with the teacher's top-1 predictions (for unlabelled validation)."""
+    loader = DataLoader(ImageDataset(samples, build_transform(data_config, train=False)), batch_size=64)
+    teacher.eval()
+    preds = torch.cat([teacher(images.to(device)).argmax(1).cpu() for images, _ in loader])
+    return [Sample(s.path, int(p)) for s, p in zip(samples, preds)]
+
+
 class _TeacherView(nn.Module):
     """The teacher as the student's data loader sees it (re-normalised to the teacher's mean/std)."""
 
@@ -377,8 +403,9 @@ def _memory_format(cfg: TrainConfig, model: nn.Module, loader: DataLoader,
         return FORMATS[cfg.memory_format]
     with torch.random.fork_rng(devices=[]):  # timing must not shift the seeded random stream
         images, labels = next(iter(loader))
+        # labels only feed the timing loss; unlabelled images carry -1
         fmt, timings = choose_memory_format(model.to(accelerator.device), images.to(accelerator.device),
-                                            labels.to(accelerator.device))
+                                            labels.clamp(min=0).to(accelerator.device))
     accelerator.print("memory format: " + ", ".join(f"{k} {v * 1000:.0f} ms/step" for k, v in timings.items())
                       + f" -> {str(fmt).replace('torch.', '')}")
     return fmt

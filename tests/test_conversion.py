@@ -128,3 +128,40 @@ def test_compare_standard_vs_separable_twin(digits_folder, messy_folder, tmp_pat
     assert any(isinstance(m, SeparableConv2d) for m in net.modules())
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"] == rows
     assert "separable (rank 1)" in format_rows(rows)
+
+
+def test_distill_on_unlabelled_folder(resnet_run, digits_folder, tmp_path):
+    """Loose images, no class folders: KD (+ features) only; validation = agreement with the teacher."""
+    import csv
+    import shutil
+
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for i, path in enumerate(sorted(digits_folder.glob("*/*.png"))[::3]):
+        shutil.copy(path, loose / f"{i:04d}.png")
+    convert_run(resnet_run.run_dir, tmp_path / "sep", rank=1, calib_data=loose, calib_images=64, latency=False)
+    cfg = TrainConfig(data=str(loose), model=str(tmp_path / "sep"), teacher=str(resnet_run.run_dir), epochs=3,
+                      img_size=32, batch_size=16, out=str(tmp_path / "kd"))
+    result = fit(cfg, progress=False)
+    report = result.metrics["distillation"]
+    assert report["teacher_top1"] == 1.0  # the teacher agrees with its own predictions
+    assert 0.0 <= report["student_after_top1"] <= 1.0
+    assert result.classes == resnet_run.classes
+    rows = list(csv.DictReader((tmp_path / "kd" / "log.csv").open()))
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    meta = json.loads((tmp_path / "kd" / "model.json").read_text())
+    assert "agreement" in meta["data"]["val_labels"] and meta["classes"] == resnet_run.classes
+
+
+def test_unlabelled_folder_needs_a_student_run(resnet_run, tmp_path):
+    from PIL import Image
+
+    from finetune.errors import FinetuneError
+
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(loose / f"{i}.png")
+    with pytest.raises(FinetuneError, match="--student RUN_DIR"):
+        fit(TrainConfig(data=str(loose), model="resnet18", weights="none", teacher=str(resnet_run.run_dir),
+                        epochs=1, out=str(tmp_path / "x")), progress=False)
