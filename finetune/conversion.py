@@ -26,7 +26,7 @@ from finetune import __version__
 from finetune.checkpoint import model_state_dict, save_weights, weights_metadata, write_json
 from finetune.convert import convert_to_separable, layer_output_errors, reestimate_batchnorm, refit_pointwise
 from finetune.convert.latency import compare_latency
-from finetune.data import ImageDataset, build_transform, draft_size, list_images
+from finetune.data import eval_loader, list_images
 from finetune.errors import FinetuneError
 from finetune.models import RUN_FORMAT, RUN_META, RUN_WEIGHTS, is_run_dir, load_model, read_run_meta
 
@@ -52,9 +52,7 @@ def _calibration_loader(folder: str | os.PathLike, data_config: dict, images: in
     if not paths:
         raise FinetuneError(f"no readable images in calibration folder `{folder}`; pass a folder of images")
     random.Random(seed).shuffle(paths)
-    dataset = ImageDataset(paths[:images], build_transform(data_config, train=False),
-                           draft_size=draft_size(data_config))
-    return DataLoader(dataset, batch_size=32, shuffle=False)
+    return eval_loader(paths[:images], data_config, batch_size=32)
 
 
 @torch.no_grad()

@@ -826,6 +826,19 @@ def draft_size(data_config: dict) -> int:
     return 2 * int(max(data_config["input_size"][-2:]))
 
 
+def eval_loader(items: Sequence[Sample] | Sequence[str | os.PathLike], data_config: dict,
+                batch_size: int = 64, num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """Deterministic, in-order loader with the model's eval transform (JPEG draft decoding on).
+
+    >>> loader = eval_loader([], {"input_size": (3, 32, 32), "interpolation": "bilinear",
+    ...                           "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0})
+    >>> len(loader)
+    0
+    """
+    dataset = ImageDataset(items, build_transform(data_config, train=False), draft_size=draft_size(data_config))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
 def class_weights(samples: Sequence[Sample], num_classes: int) -> torch.Tensor:
     """Inverse-frequency class weights (float32), normalised to mean 1.
 

@@ -16,10 +16,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from finetune.checkpoint import write_json, write_text
-from finetune.data import ImageDataset, build_transform, draft_size, list_images, scan_labelled, write_skipped
+from finetune.data import eval_loader, list_images, scan_labelled, write_skipped
 from finetune.errors import FinetuneError
 from finetune.metrics import classification_metrics, plot_confusion
 from finetune.models import load_model, read_run_meta
@@ -57,12 +56,6 @@ def predict_logits(model: nn.Module, loader: Iterable, device: torch.device | No
     return torch.cat(logits), torch.cat(labels)
 
 
-def _loader(items: Sequence, data_config: dict, batch_size: int, num_workers: int = 0) -> DataLoader:
-    transform = build_transform(data_config, train=False)
-    dataset = ImageDataset(items, transform, draft_size=draft_size(data_config))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-
-
 def evaluate(
     run_dir: str | os.PathLike,
     data: str | os.PathLike,
@@ -81,7 +74,7 @@ def evaluate(
     model, data_config = load_model(run_dir, img_size=img_size)
     classes, samples, skipped = scan_labelled(data, classes=list(meta["classes"]))
     out_dir = Path(out) if out else Path(run_dir) / f"eval-{Path(data).expanduser().resolve().name}"
-    logits, labels = predict_logits(model, _loader(samples, data_config, batch_size))
+    logits, labels = predict_logits(model, eval_loader(samples, data_config, batch_size))
     metrics = classification_metrics(logits, labels, classes)
     metrics["data"] = str(Path(data).expanduser())
     metrics["skipped_images"] = len(skipped)
@@ -120,7 +113,7 @@ def predict(
     paths, skipped = list_images(inputs)
     results = []
     if paths:
-        logits, _ = predict_logits(model, _loader(paths, data_config, batch_size))
+        logits, _ = predict_logits(model, eval_loader(paths, data_config, batch_size))
         probs, indices = logits.softmax(1).topk(min(top_k, len(classes)), dim=1)
         results = [
             Prediction(path, [classes[i] for i in idx.tolist()], p.tolist())

@@ -39,7 +39,7 @@ from finetune.autotune import FORMATS, choose_memory_format
 from finetune.checkpoint import model_state_dict, save_weights, weights_metadata, write_json, write_text
 from finetune.config import TrainConfig
 from finetune.data import (FolderSplit, ImageDataset, Sample, build_transform, class_weights, draft_size,
-                           is_unlabelled_folder, scan_folder, scan_unlabelled, write_skipped)
+                           eval_loader, is_unlabelled_folder, scan_folder, scan_unlabelled, write_skipped)
 from finetune.distill import DistillationLoss, feature_layers_from_plan
 from finetune.errors import FinetuneError
 from finetune.metrics import classification_metrics, plot_confusion, plot_curves
@@ -352,7 +352,7 @@ def _check_same_classes(run: str, run_classes: list[str], data_classes: list[str
 @torch.no_grad()
 def _teacher_labels(teacher: nn.Module, samples: list, data_config: dict, device: torch.device) -> list:
     """The samples relabelled with the teacher's top-1 predictions (for unlabelled validation)."""
-    loader = DataLoader(ImageDataset(samples, build_transform(data_config, train=False)), batch_size=64)
+    loader = eval_loader(samples, data_config)
     teacher.eval()
     preds = torch.cat([teacher(images.to(device)).argmax(1).cpu() for images, _ in loader])
     return [Sample(s.path, int(p)) for s, p in zip(samples, preds)]
