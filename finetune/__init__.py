@@ -1,7 +1,7 @@
 """finetune-vision: fine-tune pretrained MobileNet/EfficientNet classifiers on a folder of images.
 
 >>> import finetune                                                          # doctest: +SKIP
->>> result = finetune.fit(finetune.TrainConfig(data="~/photos", epochs=3))  # doctest: +SKIP
+>>> result = finetune.fit(finetune.Recipe(data="~/photos", epochs=3))      # doctest: +SKIP
 >>> finetune.predict(result.run_dir, ["cat.jpg"])                             # doctest: +SKIP
 
 The public names are imported on first use (PEP 562), so ``import finetune`` and
@@ -16,12 +16,18 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "TrainConfig": "finetune.config",
+    "Recipe": "finetune.config",
+    "load_recipe": "finetune.recipes",
+    "list_recipes": "finetune.recipes",
+    "lr_find": "finetune.lr_find",
+    "apply_lora": "finetune.adapters",
+    "merge_lora": "finetune.adapters",
     "FinetuneError": "finetune.errors",
     "evaluate": "finetune.inference",
     "predict": "finetune.inference",
     "Prediction": "finetune.inference",
     "load_model": "finetune.models",
+    "save_run": "finetune.models",
     "fit": "finetune.train",
     "convert_to_separable": "finetune.convert",
     "apply_plan": "finetune.convert",

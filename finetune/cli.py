@@ -15,44 +15,87 @@ import sys
 from typing import Sequence
 
 from finetune import __version__
-from finetune.config import TrainConfig, base_type, field_help
+from finetune.config import SHORT_KEYS, Recipe, base_type, field_specs
 from finetune.errors import FinetuneError
 
 EPILOG_TRAIN = """examples:
   finetune train --data ~/photos --epochs 5 --out runs/photos
   finetune train --data ~/photos --model mobilenetv2_100 --strategy probe
+  finetune train efficientnet_lite0_folder --set data.root=~/photos --set optim.lr=3e-4
+  finetune train recipes/mobilenetv2_lora.yaml --data ~/photos
   finetune train runs/photos/recipe.yaml --out runs/photos-again
+every recipe key can be set with --set SECTION.KEY=VALUE (see `finetune recipes --keys`)
 """
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, generated from its metadata (the help cannot drift)."""
-    for name, spec in field_help().items():
-        flag = "--" + name.replace("_", "-")
+def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """``--set`` plus one flag per short key, generated from the recipe's field metadata."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any recipe key, e.g. --set optim.lr=3e-4 --set lora.enabled=true")
+    specs = field_specs()
+    for short, dotted in SHORT_KEYS.items():
+        spec = specs[dotted]
+        flag = "--" + short.replace("_", "-")
         kind = base_type(spec["type"])
         default = spec["default"]
-        help_text = spec["help"] + ("" if default is None or name == "data" else f" (default: {default})")
+        help_text = f"{spec['help']} [{dotted}]" + ("" if default is None or short == "data" else
+                                                    f" (default: {default})")
         if kind is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(flag, dest=short, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            # No argparse `choices`: TrainConfig validates and answers in one line, like YAML recipes.
-            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+            # No argparse `choices`: the Recipe validates and answers in one line, like YAML recipes.
+            parser.add_argument(flag, dest=short, default=None, metavar=short.upper(), help=help_text)
 
 
-def _config_from_args(args: argparse.Namespace) -> TrainConfig:
-    given = {name: getattr(args, name) for name in field_help() if getattr(args, name) is not None}
+def _recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The one path from the command line to a Recipe: recipe file/name, then flags, then --set."""
+    from finetune.recipes import find_recipe
+
+    flags = [f"{SHORT_KEYS[short]}={value}" for short in SHORT_KEYS
+             if (value := getattr(args, short, None)) is not None]
+    overrides = flags + list(args.overrides)
     if args.recipe:
-        return TrainConfig.from_yaml(args.recipe, overrides=given)
-    if "data" not in given:
-        raise FinetuneError("--data DIR is required: a folder with one subfolder of images per class")
-    return TrainConfig.from_dict(given)
+        return Recipe.from_yaml(find_recipe(args.recipe), overrides=overrides)
+    recipe = Recipe.from_dict({}, overrides=overrides)
+    recipe.require_data()
+    return recipe
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    config = _config_from_args(args)  # validated before the heavy import, so mistakes answer at once
+    recipe = _recipe_from_args(args)  # validated before the heavy import, so mistakes answer at once
     from finetune.train import fit
 
-    fit(config, progress=not args.no_progress, overwrite=args.overwrite)
+    fit(recipe, progress=not args.no_progress, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from finetune.recipes import list_recipes
+
+    if args.keys:
+        for key, spec in field_specs().items():
+            short = next((s for s, d in SHORT_KEYS.items() if d == key), None)
+            print(f"{key:<26} {str(spec['default']):<22} {spec['help']}" + (f" (--{short.replace('_', '-')})"
+                                                                              if short else ""))
+        return 0
+    entries = list_recipes()
+    width = max([len(e.name) for e in entries] + [4])
+    model_width = max([len(e.model) for e in entries] + [5])
+    print(f"{'name':<{width}}  {'task':<7}  {'model':<{model_width}}  description")
+    for e in entries:
+        print(f"{e.name:<{width}}  {e.task:<7}  {e.model:<{model_width}}  {e.description}")
+    print("\nrun one: finetune train NAME --set data.root=DIR   (show every key: finetune recipes --keys)")
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    recipe = _recipe_from_args(args)
+    from finetune.lr_find import lr_find
+
+    result = lr_find(recipe, out=args.plot, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr)
+    print(f"suggested learning rate: {result.suggestion:.2e} (steepest descent of the smoothed loss; "
+          f"minimum at {result.min_loss_lr:.2e}); plot in {result.plot}")
+    print(f"use it: --lr {result.suggestion:.1e}")
     return 0
 
 
@@ -151,6 +194,33 @@ def _rank_arg(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"`{text}` is not a rank; give a whole number or `full`") from None
 
 
+def _json_object_arg(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"`{text}` is not JSON ({exc}); give an object, e.g. "
+                                         "'{\"num_classes\": 10}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"`{text}` is a JSON {type(value).__name__}; give an object, e.g. "
+                                         "'{\"num_classes\": 10}'")
+    return value
+
+
+def _classes_arg(text: str) -> list[str]:
+    """``cat,dog,bird`` or a text file with one class name per line."""
+    import os
+
+    if os.path.isfile(text):
+        with open(text, encoding="utf-8") as handle:
+            names = [line.strip() for line in handle if line.strip()]
+    else:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"`{text}` holds no class names; give `cat,dog,...` or a text file with "
+                                         "one name per line")
+    return names
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from finetune.conversion import convert_run, format_summary
 
@@ -159,7 +229,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         objective=args.objective, force=args.force, latency_batch_size=args.latency_batch,
         latency_memory_format=args.latency_memory_format,
         include=args.include, exclude=args.exclude, weights=args.weights, num_classes=args.num_classes,
-        img_size=args.img_size, calib_data=args.calib_data, calib_images=args.calib_images, refit=not args.no_refit,
+        builder_kwargs=args.builder_kwargs, classes=args.classes, img_size=args.img_size,
+        calib_data=args.calib_data, calib_images=args.calib_images, refit=not args.no_refit,
         latency=not args.no_latency, overwrite=args.overwrite,
     )
     print(format_summary(result))
@@ -199,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="fine-tune a model on an image folder",
                            epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("recipe", nargs="?", help="optional YAML recipe (e.g. a run's recipe.yaml); flags override it")
-    _add_config_flags(train)
+    train.add_argument("recipe", nargs="?", help="optional recipe: a name from `finetune recipes` or a YAML file "
+                       "(e.g. a run's recipe.yaml); flags and --set override it")
+    _add_recipe_flags(train)
     train.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out directory")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=cmd_train)
@@ -211,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--epochs 5 --out runs/photos-sep-kd", formatter_class=argparse.RawDescriptionHelpFormatter)
     di.add_argument("recipe", nargs="?", help=argparse.SUPPRESS)
     di.add_argument("--student", dest="model", help="run directory of the student (e.g. from `finetune convert`)")
-    _add_config_flags(di)
+    _add_recipe_flags(di)
     di.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out directory")
     di.add_argument("--no-progress", action="store_true", help="no progress bars")
     di.set_defaults(func=cmd_distill)
@@ -242,9 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     co = sub.add_parser(
         "convert", help="replace dense k×k convolutions by SVD-initialised depthwise-separable ones",
         epilog="examples:\n  finetune convert runs/photos --macs 0.4 --calib-data ~/photos --out runs/photos-sep\n"
-               "  finetune convert resnet18 --weights none --num-classes 10 --rank 2 --out runs/r18-sep",
+               "  finetune convert resnet18 --weights none --num-classes 10 --rank 2 --out runs/r18-sep\n"
+               "  finetune convert torchvision.models:resnet18 --builder-kwargs '{\"num_classes\": 10}' "
+               "--weights r18.safetensors --classes cat,dog,... --macs 0.4 --out runs/r18-sep",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    co.add_argument("source", help="run directory of `finetune train`, or a timm model name")
+    co.add_argument("source", help="run directory of `finetune train`, a timm model name, or a builder ref "
+                    "`package.module:callable` (any nn.Module: torchvision, your own; it imports and runs that code)")
     co.add_argument("--out", required=True, help="run directory for the converted model")
     policy = co.add_mutually_exclusive_group(required=True)
     policy.add_argument("--rank", type=_rank_arg, help="rank of every converted layer (an integer, or `full`: exact)")
@@ -267,8 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--no-refit", action="store_true",
                     help="with --calib-data: skip the least-squares refit of the converted layers on the "
                          "teacher's outputs (BatchNorm is still re-estimated)")
-    co.add_argument("--weights", default="auto", help="for a timm name: auto | offline | hub | none | PATH")
+    co.add_argument("--weights", default="auto", help="for a timm name: auto | offline | hub | none | PATH; for a "
+                    "builder ref: PATH to the dense model's .safetensors/.pth state dict (default: the builder's own)")
     co.add_argument("--num-classes", type=int, help="for a timm name: size of the head (default: the model's)")
+    co.add_argument("--builder-kwargs", type=_json_object_arg, metavar="JSON",
+                    help="for a builder ref: its keyword arguments as a JSON object, stored in the run "
+                         "(e.g. '{\"num_classes\": 10}')")
+    co.add_argument("--classes", type=_classes_arg, metavar="NAMES",
+                    help="for a timm name or builder ref: class names, `cat,dog,...` or a text file with one per line "
+                         "(default class_0, class_1, ...)")
     co.add_argument("--img-size", type=int, help="input size for MACs and latency (default: the model's)")
     co.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     co.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out directory")
@@ -287,6 +369,21 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", default="runs/compare")
     cp.add_argument("--no-progress", action="store_true", help="no progress bars")
     cp.set_defaults(func=cmd_compare)
+
+    re_ = sub.add_parser("recipes", help="list the shipped recipes (name, task, model, description)")
+    re_.add_argument("--keys", action="store_true", help="list every recipe key with its default and meaning")
+    re_.set_defaults(func=cmd_recipes)
+
+    lf = sub.add_parser("lr-find", help="exponential LR sweep: loss-vs-LR plot and a suggested learning rate",
+                        epilog="example:\n  finetune lr-find --data ~/photos --model mobilenetv2_100",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    lf.add_argument("recipe", nargs="?", help="optional recipe name or YAML file")
+    _add_recipe_flags(lf)
+    lf.add_argument("--steps", type=int, default=100, help="optimizer steps in the sweep (default 100)")
+    lf.add_argument("--start-lr", type=float, default=1e-7)
+    lf.add_argument("--end-lr", type=float, default=1.0)
+    lf.add_argument("--plot", default="lr_find.png", help="where to save the loss-vs-LR plot (default lr_find.png)")
+    lf.set_defaults(func=cmd_lr_find)
 
     de = sub.add_parser("demo", help="fine-tune on the embedded Fashion-MNIST subset: pretrained vs scratch")
     de.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

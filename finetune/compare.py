@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from finetune.checkpoint import write_json
-from finetune.config import TrainConfig
+from finetune.config import Recipe
 from finetune.conversion import convert_run
 from finetune.convert import count_macs
 from finetune.convert.latency import measure_latency
@@ -51,7 +51,7 @@ def compare(
     out = Path(out).expanduser()
     common = dict(data=str(data), img_size=img_size, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                   weights="none", strategy="full", bn="train")
-    dense = fit(TrainConfig(model=model, out=str(out / "dense"), **common), progress=progress, overwrite=True)
+    dense = fit(Recipe(model=model, out=str(out / "dense"), **common), progress=progress, overwrite=True)
     # The twin: the same architecture from a fresh random init, its k×k convs replaced by separable
     # pairs factorised from those random kernels; trained with the same budget as the dense model.
     twin_init = out / "separable-init"
@@ -59,7 +59,7 @@ def compare(
     convert_run(model, twin_init, rank=rank, weights="none", num_classes=len(dense.classes), img_size=img_size,
                 latency=False, overwrite=True)
     _copy_classes(dense.run_dir, twin_init)
-    twin = fit(TrainConfig(model=str(twin_init), out=str(out / "separable"), **common), progress=progress,
+    twin = fit(Recipe(model=str(twin_init), out=str(out / "separable"), **common), progress=progress,
                overwrite=True)
 
     rows = []

@@ -766,11 +766,13 @@ def build_transform(
     hflip: float = 0.5,
     color_jitter: float | None = None,
     auto_augment: str | None = None,
+    re_prob: float = 0.0,
 ) -> Callable:
     """timm's transform for a model's data config (``timm.data.resolve_data_config``).
 
     Training: random-resized crop with ``scale``, horizontal flip with probability
-    ``hflip``, optional colour jitter and auto-augment (e.g. ``"rand-m9-mstd0.5"``).
+    ``hflip``, optional colour jitter, auto-augment (e.g. ``"rand-m9-mstd0.5"``) and random
+    erasing with probability ``re_prob``.
     Eval: resize by ``crop_pct`` and centre crop -- deterministic. ``img_size`` overrides
     the config's input size (square). Input is a PIL RGB image, output a CHW float tensor.
 
@@ -813,6 +815,7 @@ def build_transform(
             hflip=hflip,
             color_jitter=color_jitter or None,
             auto_augment=auto_augment or None,
+            re_prob=float(re_prob),
         )
     return timm.data.create_transform(**kwargs)
 

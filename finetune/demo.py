@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.checkpoint import write_json
-from finetune.config import TrainConfig
+from finetune.config import Recipe
 from finetune.demo_data import write_demo_folder
 from finetune.train import fit
 
@@ -44,7 +44,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, progress
     runs: dict[str, Any] = {}
     for label, weights in (("pretrained", "offline"), ("scratch", "none")):
         print(f"\n== {label}: {settings['model']} with weights={weights} ==")
-        cfg = TrainConfig(data=str(data), weights=weights, out=str(out / label), **settings)
+        cfg = Recipe(data=str(data), weights=weights, out=str(out / label), **settings)
         result = fit(cfg, progress=progress, overwrite=True)
         runs[label] = {"val_acc": result.metrics["top1"], "seconds": round(result.seconds, 1),
                        "run_dir": str(result.run_dir), "strategy": cfg.resolved_strategy}

@@ -10,9 +10,9 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from finetune import TrainConfig, evaluate, fit, load_model, predict
+from finetune import Recipe, evaluate, fit, load_model, predict
 from finetune.models import RUN_WEIGHTS
-from finetune.train import plan_phases
+from finetune.optim import plan_phases
 
 ARCH = "tf_efficientnet_lite0"
 
@@ -27,7 +27,7 @@ def _cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(digits_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "digits"
-    cfg = TrainConfig(data=str(digits_folder), model=ARCH, weights="offline", epochs=3, img_size=48,
+    cfg = Recipe(data=str(digits_folder), model=ARCH, weights="offline", epochs=3, img_size=48,
                       batch_size=16, out=str(out), seed=0)
     return fit(cfg, progress=False)
 
@@ -82,7 +82,7 @@ def test_frozen_bn_statistics_are_untouched(trained):
 
 
 def test_probe_leaves_body_unchanged(digits_folder, tmp_path):
-    cfg = TrainConfig(data=str(digits_folder), model="mobilenetv2_100", weights="offline", epochs=1,
+    cfg = Recipe(data=str(digits_folder), model="mobilenetv2_100", weights="offline", epochs=1,
                       strategy="probe", img_size=32, batch_size=32, out=str(tmp_path / "probe"))
     result = fit(cfg, progress=False)
     pretrained, _ = load_model("mobilenetv2_100", weights="offline", num_classes=10)
@@ -116,12 +116,12 @@ def test_predict_files_and_folders(trained, digits_folder):
 
 
 def test_recipe_yaml_reproduces_config(trained):
-    again = TrainConfig.from_yaml(trained.run_dir / "recipe.yaml")
-    assert again.to_dict() == json.loads((trained.run_dir / "model.json").read_text())["config"]
+    again = Recipe.from_yaml(trained.run_dir / "recipe.yaml")
+    assert again.to_dict() == json.loads((trained.run_dir / "model.json").read_text())["recipe"]
 
 
 def test_skipped_images_are_listed(messy_folder, tmp_path):
-    cfg = TrainConfig(data=str(messy_folder), model="mobilenetv2_100", weights="offline", epochs=1,
+    cfg = Recipe(data=str(messy_folder), model="mobilenetv2_100", weights="offline", epochs=1,
                       strategy="probe", img_size=32, batch_size=4, out=str(tmp_path / "messy"))
     result = fit(cfg, progress=False)
     skipped = (result.run_dir / "skipped.txt").read_text().splitlines()
@@ -134,14 +134,17 @@ def test_skipped_images_are_listed(messy_folder, tmp_path):
     "kwargs, expected",
     [
         (dict(epochs=5), [("head", 1, False), ("body", 4, True)]),
+        (dict(epochs=5, strategy="gradual"), [("head", 1, False), ("unfreeze-2", 1, True), ("unfreeze-4", 1, True),
+                                              ("unfreeze-6", 1, True), ("unfreeze-all", 1, True)]),
+        (dict(epochs=3, lora=True), [("lora", 3, True)]),
         (dict(epochs=5, weights="none"), [("full", 5, True)]),
         (dict(epochs=3, strategy="probe"), [("head", 3, False)]),
         (dict(epochs=4, strategy="finetune", head_epochs=2), [("head", 2, False), ("body", 2, True)]),
     ],
 )
 def test_plan_phases(kwargs, expected):
-    phases = plan_phases(TrainConfig(data=".", **kwargs))
-    assert [(p.name, p.epochs, p.train_body) for p in phases] == expected
+    phases = plan_phases(Recipe(data=".", **kwargs), body_stages=8)
+    assert [(p.name, p.epochs, p.trains_body) for p in phases] == expected
     if phases[-1].name == "body":
         assert phases[-1].body_lr == pytest.approx(phases[-1].head_lr * 0.3)
 
@@ -151,7 +154,7 @@ def test_same_seed_gives_identical_weights_cold_or_warm_cache(digits_folder, tmp
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cold-cache"))
     outs = []
     for i in range(2):  # first run converts the offline weights, the second finds them cached
-        cfg = TrainConfig(data=str(digits_folder), model="mobilenetv2_100", weights="offline", epochs=2,
+        cfg = Recipe(data=str(digits_folder), model="mobilenetv2_100", weights="offline", epochs=2,
                           img_size=32, batch_size=32, out=str(tmp_path / f"run{i}"), memory_format="auto")
         outs.append(load_file(fit(cfg, progress=False).run_dir / RUN_WEIGHTS))
     assert outs[0].keys() == outs[1].keys()
@@ -163,17 +166,17 @@ def test_run_dir_inside_data_is_refused_and_nothing_written(digits_folder):
 
     before = sorted(p.name for p in digits_folder.iterdir())
     with pytest.raises(FinetuneError, match="inside the data folder"):
-        fit(TrainConfig(data=str(digits_folder), out=str(digits_folder / "runs" / "x")), progress=False)
+        fit(Recipe(data=str(digits_folder), out=str(digits_folder / "runs" / "x")), progress=False)
     assert sorted(p.name for p in digits_folder.iterdir()) == before
 
 
 def test_overwrite_removes_stale_artefacts(messy_folder, digits_folder, tmp_path):
     out = tmp_path / "run"
     cfg = dict(model="mobilenetv2_100", weights="offline", epochs=1, strategy="probe", img_size=32, out=str(out))
-    fit(TrainConfig(data=str(messy_folder), batch_size=4, **cfg), progress=False)
+    fit(Recipe(data=str(messy_folder), batch_size=4, **cfg), progress=False)
     assert (out / "skipped.txt").is_file()
     (out / "notes.md").write_text("mine")
-    fit(TrainConfig(data=str(digits_folder), batch_size=32, **cfg), progress=False, overwrite=True)
+    fit(Recipe(data=str(digits_folder), batch_size=32, **cfg), progress=False, overwrite=True)
     assert not (out / "skipped.txt").exists()  # it described the previous data set
     assert (out / "notes.md").read_text() == "mine"  # files we did not write are left alone
     assert json.loads((out / "model.json").read_text())["num_classes"] == 10
@@ -182,7 +185,7 @@ def test_overwrite_removes_stale_artefacts(messy_folder, digits_folder, tmp_path
 @pytest.mark.parametrize("mixed_precision, grad_accum", [("bf16", 1), ("no", 2)])
 def test_bf16_and_grad_accum_in_one_process(digits_folder, tmp_path, mixed_precision, grad_accum):
     """Two fits with different settings in one process (accelerate's state is per process)."""
-    cfg = TrainConfig(data=str(digits_folder), model="mobilenetv2_100", weights="offline", epochs=2,
+    cfg = Recipe(data=str(digits_folder), model="mobilenetv2_100", weights="offline", epochs=2,
                       img_size=32, batch_size=16, grad_accum=grad_accum, mixed_precision=mixed_precision,
                       out=str(tmp_path / "run"))
     result = fit(cfg, progress=False)

@@ -1,0 +1,95 @@
+"""One training epoch and one prediction pass, written the way accelerate's ``cv_example.py`` is.
+
+These are the inner loops of :func:`finetune.train.fit`; they know nothing about recipes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from finetune.errors import FinetuneError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def freeze_bn_stats(model: nn.Module) -> None:
+    """Put every BatchNorm in eval mode: running statistics stay as loaded, affine params still train."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: LossFn, accelerator: Accelerator, *,
+                freeze_bn: bool, memory_format: torch.memory_format, updates: int, desc: str, progress: bool,
+                mixer: Mixer | None = None,
+                on_update: Callable[[int], None] | None = None) -> tuple[float, float, int, int, list[float]]:
+    """Train one epoch; returns (mean loss, top-1 on the un-mixed labels, images, updates, mean LR per group).
+
+    ``mixer`` (timm ``Mixup``) turns labels into soft targets for the loss; ``on_update(updates)``
+    runs after every optimizer update (the EMA hooks in there).
+    """
+    model.train()
+    if freeze_bn:
+        freeze_bn_stats(model)
+    lr_sums = [0.0] * len(optimizer.param_groups)
+    total_loss = torch.zeros((), device=accelerator.device)
+    correct = torch.zeros((), device=accelerator.device)
+    seen, step = 0, -1
+    # disable=None: tqdm stays silent when stderr is not a terminal (no \r lines in log files)
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
+               disable=None if progress and accelerator.is_local_main_process else True)
+    for step, (images, labels) in enumerate(bar):
+        images = images.contiguous(memory_format=memory_format)
+        targets = labels
+        if mixer is not None:
+            images, targets = mixer(images, labels)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                logits = model(images)
+                loss = loss_fn(images, logits, targets)
+            if not torch.isfinite(loss):
+                raise FinetuneError(
+                    f"loss became {loss.item()} at step {step} of {desc} (lr {optimizer.param_groups[0]['lr']:.2e}); "
+                    "lower --lr, or use --mixed-precision no if fp16 overflowed"
+                )
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            updates += 1
+            scheduler.step_update(updates)
+            if on_update is not None:
+                on_update(updates)
+        lr_sums = [acc + group["lr"] for acc, group in zip(lr_sums, optimizer.param_groups)]
+        total_loss += loss.detach() * labels.size(0)
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += labels.size(0)
+        if not bar.disable:  # .item() waits for the device; only pay it when a bar shows the value
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    totals = accelerator.reduce(torch.stack([total_loss, correct, torch.tensor(float(seen), device=accelerator.device)]),
+                                reduction="sum")
+    n = max(totals[2].item(), 1.0)
+    mean_lrs = [acc / max(step + 1, 1) for acc in lr_sums]
+    return totals[0].item() / n, totals[1].item() / n, int(totals[2].item()), updates, mean_lrs
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, accelerator: Accelerator, memory_format: torch.memory_format,
+            progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of the whole loader, gathered across processes without padded duplicates."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for images, labels in tqdm(loader, leave=False, disable=not (progress and accelerator.is_local_main_process)):
+        images = images.contiguous(memory_format=memory_format)
+        with accelerator.autocast():
+            logits = model(images)
+        logits, labels = accelerator.gather_for_metrics((logits.float(), labels))
+        all_logits.append(logits.cpu())
+        all_labels.append(labels.cpu())
+    return torch.cat(all_logits), torch.cat(all_labels)

@@ -1,0 +1,126 @@
+"""The run directory of ``fit``: where it goes, what ``model.json`` records, ``log.csv``.
+
+Only the main process writes; every write is atomic (:mod:`finetune.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import platform
+import shutil
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from finetune import __version__
+from finetune.checkpoint import write_text
+from finetune.config import Recipe
+from finetune.data import FolderSplit, write_skipped
+from finetune.errors import FinetuneError
+from finetune.models import RUN_FORMAT
+
+LOG_COLUMNS = (
+    "epoch", "phase", "lr_head", "lr_body", "train_loss", "train_top1",
+    "val_loss", "val_top1", "epoch_seconds", "train_images_per_s",
+)
+RUN_ARTEFACTS = ("model.safetensors", "model.json", "metrics.json", "log.csv", "confusion.png", "curves.png",
+                 "recipe.yaml", "skipped.txt", "checkpoints", "adapter", "eval-*")
+
+
+def check_run_dir(recipe: Recipe, overwrite: bool) -> Path:
+    """Where the run goes, checked before anything is scanned or written."""
+    out = recipe.runtime.out or str(Path("runs") / f"{Path(recipe.model.name).name}-"
+                                                   f"{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(out).expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FinetuneError(f"--out `{run_dir}` is a file; pass a directory for the run")
+    data = Path(recipe.require_data()).expanduser().resolve()
+    if run_dir.resolve() == data or data in run_dir.resolve().parents:
+        raise FinetuneError(
+            f"run directory `{run_dir}` is inside the data folder `{recipe.data.root}`, so its files would become "
+            "training images; pass --out outside the data folder"
+        )
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise FinetuneError(f"run directory `{run_dir}` already holds files; choose another --out or pass --overwrite")
+    return run_dir
+
+
+def create_run_dir(run_dir: Path, accelerator: Accelerator, overwrite: bool) -> None:
+    """Make the folder; with ``overwrite`` remove what a previous run wrote (nothing else)."""
+    if accelerator.is_main_process:
+        if overwrite:  # remove a previous run's files, so nothing stale is mistaken for this run's
+            for pattern in RUN_ARTEFACTS:
+                for path in run_dir.glob(pattern):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+
+def report_split(split: FolderSplit, run_dir: Path, accelerator: Accelerator) -> None:
+    """Print the split and its warnings; list skipped images in ``skipped.txt``."""
+    accelerator.print(
+        f"data {split.root}: {len(split.classes)} classes, {len(split.train)} train / {len(split.val)} val images"
+        f"; {split.layout}"
+    )
+    for warning in split.warnings:
+        accelerator.print(f"warning: {warning}")
+    if split.skipped:
+        accelerator.print(f"skipped {len(split.skipped)} unreadable image(s); list in {run_dir / 'skipped.txt'}")
+        if accelerator.is_main_process:
+            write_skipped(split.skipped, run_dir / "skipped.txt")
+
+
+def model_meta(recipe: Recipe, split: FolderSplit, data_config: dict, model: nn.Module,
+               source_meta: dict[str, Any] | None, world_size: int) -> dict[str, Any]:
+    """What ``model.json`` records: enough to rebuild the model and to know how it was made."""
+    meta = {
+        "format": RUN_FORMAT,
+        "architecture": source_meta["architecture"] if source_meta else recipe.model.name,
+        "num_classes": len(split.classes),
+        "classes": split.classes,
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+        "weights_source": model.pretrained_cfg.get("weights_source"),
+        "recipe": recipe.to_dict(),
+        "strategy": recipe.resolved_strategy,
+        "data": {"root": str(split.root), "layout": split.layout, "train_images": len(split.train),
+                 "val_images": len(split.val), "skipped_images": len(split.skipped)},
+        "world_size": world_size,
+        "versions": {"finetune-vision": __version__, "torch": torch.__version__, "timm": timm.__version__,
+                     "python": platform.python_version()},
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "status": "running",
+    }
+    if source_meta is not None:
+        meta["started_from"] = recipe.model.name
+        for key in ("separable_plan", "builder", "builder_kwargs"):
+            if source_meta.get(key):
+                meta[key] = source_meta[key]
+    if recipe.distill.teacher is not None:
+        meta["teacher"] = recipe.distill.teacher
+    return meta
+
+
+def check_same_classes(run: str, run_classes: list[str], data_classes: list[str]) -> None:
+    """A run continued or distilled on a folder must see the classes it was trained on."""
+    if list(run_classes) != list(data_classes):
+        raise FinetuneError(
+            f"`{run}` was trained on classes {', '.join(run_classes[:6])}{'…' if len(run_classes) > 6 else ''} "
+            f"but the data folder has {', '.join(data_classes[:6])}{'…' if len(data_classes) > 6 else ''}; "
+            "use the same class folders (or train a new head from a timm model name)"
+        )
+
+
+def write_log(rows: list[dict[str, Any]], path: Path) -> None:
+    """``log.csv``: one row per epoch, columns :data:`LOG_COLUMNS`."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    write_text(path, buffer.getvalue())
