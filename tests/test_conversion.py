@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from finetune import TrainConfig, evaluate, fit, load_model, predict
+from finetune import Recipe, evaluate, fit, load_model, predict
 from finetune.conversion import convert_run
 
 
@@ -18,7 +18,7 @@ def resnet_run(digits_folder, tmp_path_factory):
     """A small ResNet trained on the digits folder: dense 3x3 convs worth converting."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FINETUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
-        cfg = TrainConfig(data=str(digits_folder), model="resnet10t", weights="none", epochs=3, img_size=32,
+        cfg = Recipe(data=str(digits_folder), model="resnet10t", weights="none", epochs=3, img_size=32,
                           batch_size=32, lr=3e-3, out=str(tmp_path_factory.mktemp("runs") / "resnet"))
         return fit(cfg, progress=False)
 
@@ -75,7 +75,7 @@ def test_distill_converted_student_from_its_teacher(resnet_run, digits_folder, t
 
     convert_run(resnet_run.run_dir, tmp_path / "sep", rank=1, calib_data=digits_folder, calib_images=64,
                 latency=False)
-    cfg = TrainConfig(data=str(digits_folder), model=str(tmp_path / "sep"), teacher=str(resnet_run.run_dir),
+    cfg = Recipe(data=str(digits_folder), model=str(tmp_path / "sep"), teacher=str(resnet_run.run_dir),
                       epochs=3, img_size=32, batch_size=32, lr=3e-4, out=str(tmp_path / "kd"))
     assert cfg.resolved_strategy == "full"  # a run already has its head
     result = fit(cfg, progress=False)
@@ -96,7 +96,7 @@ def test_distill_with_other_classes_is_refused(resnet_run, messy_folder, tmp_pat
     from finetune.errors import FinetuneError
 
     with pytest.raises(FinetuneError, match="trained on classes"):
-        fit(TrainConfig(data=str(messy_folder), model=str(resnet_run.run_dir), teacher=str(resnet_run.run_dir),
+        fit(Recipe(data=str(messy_folder), model=str(resnet_run.run_dir), teacher=str(resnet_run.run_dir),
                         epochs=1, out=str(tmp_path / "x")), progress=False)
 
 
@@ -140,7 +140,7 @@ def test_distill_on_unlabelled_folder(resnet_run, digits_folder, tmp_path):
     for i, path in enumerate(sorted(digits_folder.glob("*/*.png"))[::3]):
         shutil.copy(path, loose / f"{i:04d}.png")
     convert_run(resnet_run.run_dir, tmp_path / "sep", rank=1, calib_data=loose, calib_images=64, latency=False)
-    cfg = TrainConfig(data=str(loose), model=str(tmp_path / "sep"), teacher=str(resnet_run.run_dir), epochs=3,
+    cfg = Recipe(data=str(loose), model=str(tmp_path / "sep"), teacher=str(resnet_run.run_dir), epochs=3,
                       img_size=32, batch_size=16, out=str(tmp_path / "kd"))
     result = fit(cfg, progress=False)
     report = result.metrics["distillation"]
@@ -163,5 +163,5 @@ def test_unlabelled_folder_needs_a_student_run(resnet_run, tmp_path):
     for i in range(4):
         Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(loose / f"{i}.png")
     with pytest.raises(FinetuneError, match="--student RUN_DIR"):
-        fit(TrainConfig(data=str(loose), model="resnet18", weights="none", teacher=str(resnet_run.run_dir),
+        fit(Recipe(data=str(loose), model="resnet18", weights="none", teacher=str(resnet_run.run_dir),
                         epochs=1, out=str(tmp_path / "x")), progress=False)
