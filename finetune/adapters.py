@@ -13,7 +13,7 @@ trained in full (peft ``modules_to_save``) and saved with the adapter, so an ada
 >>> model, _ = load_model("mobilenetv2_100", weights="none", num_classes=10)
 >>> peft_model = apply_lora(model, r=8)
 >>> describe_trainable(peft_model)
-'trainable 195,146 of 2,431,828 parameters (8.0%)'
+'trainable 178,506 of 2,415,188 parameters (7.4%)'
 >>> plain = merge_lora(peft_model)   # plain timm EfficientNet, same state_dict keys as before
 >>> plain(torch.randn(1, 3, 64, 64)).shape
 torch.Size([1, 10])
@@ -92,12 +92,21 @@ def _unsupported(module: nn.Module) -> str | None:
     return f"a {type(module).__name__} (LoRA supports only nn.Conv2d with groups=1 and nn.Linear)"
 
 
-def lora_target_modules(model: nn.Module, targets: str | Sequence[str] = "auto") -> list[str]:
+def _adapter_is_small(module: nn.Module, r: int, max_share: float = 0.25) -> bool:
+    """A rank-``r`` adapter adds at most ``max_share`` of the layer's own weights."""
+    n_in, n_out = (module.in_features, module.out_features) if isinstance(module, nn.Linear) else \
+        (module.in_channels, module.out_channels)
+    return r * (n_in + n_out) <= max_share * n_in * n_out
+
+
+def lora_target_modules(model: nn.Module, targets: str | Sequence[str] = "auto", r: int = 8) -> list[str]:
     """Full names of the modules LoRA adapts, in model order.
 
     ``"auto"``: every dense 1×1 conv (``nn.Conv2d`` incl. subclasses such as timm's Conv2dSame,
-    ``groups == 1``) and every ``nn.Linear`` except the classifier head; never depthwise or k×k
-    convs. Otherwise ``targets`` is a module name or regex, or a list of them (``re.fullmatch``
+    ``groups == 1``) and every ``nn.Linear`` except the classifier head, where a rank-``r``
+    adapter is parameter-efficient: its ``r·(in + out)`` weights at most a quarter of the layer's
+    ``in·out`` (MobileNetV2's thin 16→96 expand conv would get an adapter 58% of its own size);
+    never depthwise or k×k convs. Otherwise ``targets`` is a module name or regex, or a list of them (``re.fullmatch``
     against full names); a dense k×k ``nn.Conv2d`` may be named explicitly.
 
     Raises:
@@ -106,8 +115,8 @@ def lora_target_modules(model: nn.Module, targets: str | Sequence[str] = "auto")
 
     >>> from finetune.models import load_model
     >>> model, _ = load_model("mobilenetv2_100", weights="none", num_classes=10)
-    >>> lora_target_modules(model)[:3]
-    ['blocks.0.0.conv_pw', 'blocks.1.0.conv_pw', 'blocks.1.0.conv_pwl']
+    >>> lora_target_modules(model)[:3]      # blocks 0-2 are too thin for a rank-8 adapter to pay
+    ['blocks.3.0.conv_pwl', 'blocks.3.1.conv_pw', 'blocks.3.1.conv_pwl']
     >>> lora_target_modules(model, [r"blocks\\.6\\..*conv_pwl?", "conv_head"])
     ['blocks.6.0.conv_pw', 'blocks.6.0.conv_pwl', 'conv_head']
     """
@@ -120,6 +129,7 @@ def lora_target_modules(model: nn.Module, targets: str | Sequence[str] = "auto")
             name for name, module in modules.items()
             if name not in heads and _unsupported(module) is None
             and (isinstance(module, nn.Linear) or module.kernel_size == (1, 1))
+            and _adapter_is_small(module, r)
         ]
         if not found:
             raise FinetuneError(
@@ -198,7 +208,7 @@ def apply_lora(
         raise FinetuneError(f"LoRA rank r={r!r} is invalid; pass a positive integer such as 8")
     if not 0.0 <= dropout < 1.0:
         raise FinetuneError(f"LoRA dropout={dropout!r} is invalid; pass a value in [0, 1)")
-    target_names = lora_target_modules(model, targets)
+    target_names = lora_target_modules(model, targets, r=r)
     to_save = _head_names(model) + [
         name for name, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
     ]

@@ -54,7 +54,7 @@ def suggest_lr(lrs: list[float], smoothed: list[float]) -> tuple[float, float]:
 
     >>> lrs = list(np.logspace(-6, 0, 61)); loss = [2.0] * 20 + list(np.linspace(2.0, 0.5, 30)) + [0.5 + k for k in range(11)]
     >>> steep, low = suggest_lr(lrs, loss)
-    >>> 1e-4 < steep < 1e-2 and abs(low - lrs[49]) < 1e-12
+    >>> bool(1e-4 < steep < 1e-2 and abs(low - lrs[49]) < 1e-12)
     True
     """
     if len(lrs) < 5:
