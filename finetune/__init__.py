@@ -19,7 +19,7 @@ _EXPORTS = {
     "Recipe": "finetune.config",
     "load_recipe": "finetune.recipes",
     "list_recipes": "finetune.recipes",
-    "lr_find": "finetune.lr_find",
+    "lr_find": "finetune.lr_finder",
     "apply_lora": "finetune.adapters",
     "merge_lora": "finetune.adapters",
     "FinetuneError": "finetune.errors",

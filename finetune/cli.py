@@ -90,7 +90,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
     recipe = _recipe_from_args(args)
-    from finetune.lr_find import lr_find
+    from finetune.lr_finder import lr_find
 
     result = lr_find(recipe, out=args.plot, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr)
     print(f"suggested learning rate: {result.suggestion:.2e} (steepest descent of the smoothed loss; "

@@ -292,7 +292,7 @@ SHORT_KEYS = {
     "warmup_epochs": "optim.warmup_epochs", "label_smoothing": "optim.label_smoothing",
     "val_fraction": "data.val_fraction", "seed": "runtime.seed", "mixed_precision": "runtime.mixed_precision",
     "grad_accum": "optim.grad_accum", "num_workers": "data.num_workers", "class_balanced": "data.class_balanced",
-    "bn": "strategy.bn", "ema": "strategy.ema", "memory_format": "runtime.memory_format",
+    "bn": "strategy.bn", "ema": "strategy.ema", "ema_decay": "strategy.ema_decay", "memory_format": "runtime.memory_format",
     "aug_scale": "augment.scale", "auto_augment": "augment.auto_augment", "mixup": "augment.mixup",
     "cutmix": "augment.cutmix", "random_erasing": "augment.random_erasing", "teacher": "distill.teacher",
     "kd_alpha": "distill.alpha", "kd_temperature": "distill.temperature", "kd_beta": "distill.beta",
