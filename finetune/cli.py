@@ -42,6 +42,9 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                                                     f" (default: {default})")
         if kind is bool:
             parser.add_argument(flag, dest=short, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif short == "resume":  # `--resume` alone means the latest checkpoint of --out
+            parser.add_argument(flag, dest=short, nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                                help=help_text)
         else:
             # No argparse `choices`: the Recipe validates and answers in one line, like YAML recipes.
             parser.add_argument(flag, dest=short, default=None, metavar=short.upper(), help=help_text)
@@ -237,6 +240,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from finetune.export import export_run
+
+    report = export_run(args.run, format=args.format, out=args.out, images=args.images, opset=args.opset,
+                        exporter=args.exporter)
+    print(report.summary())
+    print(f"model: {report.model_path}\npreprocessing: {report.preprocessing_path}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from finetune.compare import compare, format_rows
 
@@ -355,6 +368,21 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     co.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out directory")
     co.set_defaults(func=cmd_convert)
+
+    ex = sub.add_parser("export", help="export a run to ONNX or TorchScript, with a preprocessing sidecar and a "
+                        "parity check against eager PyTorch on real images",
+                        epilog="examples:\n  finetune export runs/photos                      # RUN/export/model.onnx\n"
+                               "  finetune export runs/photos-sep --format torchscript --images ~/photos/val",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ex.add_argument("run", help="run directory (fine-tuned or converted)")
+    ex.add_argument("--format", default="onnx", choices=("onnx", "torchscript"))
+    ex.add_argument("--out", help="output folder (default RUN/export)")
+    ex.add_argument("--images", help="folder of images for the parity check (default: the embedded "
+                    "Fashion-MNIST images)")
+    ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    ex.add_argument("--exporter", default="dynamo", choices=("dynamo", "legacy"),
+                    help="torch.onnx exporter: dynamo (default) or the legacy TorchScript-based one")
+    ex.set_defaults(func=cmd_export)
 
     cp = sub.add_parser("compare", help="train a standard-conv CNN and its depthwise-separable twin from scratch, "
                         "side by side: accuracy, params, MACs, measured latency")

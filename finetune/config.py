@@ -271,9 +271,18 @@ class RuntimeConfig(_Section):
     memory_format: str = field(
         default="auto", metadata=_help("auto | channels_last | contiguous (auto: time a few steps of each, keep the "
                                        "faster)", choices=MEMORY_FORMATS))
+    checkpoint_every: int = field(default=0, metadata=_help("also checkpoint every N optimizer updates "
+                                                            "(0: at epoch ends only)"))
+    keep_checkpoints: int = field(default=2, metadata=_help("complete checkpoints kept in RUN/checkpoints"))
+    resume: str | None = field(default=None, metadata=_help("continue the run in runtime.out from its latest "
+                                                            "checkpoint (latest) or from a checkpoint directory"))
 
     def check(self) -> None:
         self._at_least("seed", 0)
+        self._at_least("checkpoint_every", 0)
+        self._at_least("keep_checkpoints", 1)
+        if self.resume is not None:
+            self.resume = os.path.expanduser(self.resume)
 
 
 SECTIONS: dict[str, type[_Section]] = {
@@ -297,6 +306,7 @@ SHORT_KEYS = {
     "cutmix": "augment.cutmix", "random_erasing": "augment.random_erasing", "teacher": "distill.teacher",
     "kd_alpha": "distill.alpha", "kd_temperature": "distill.temperature", "kd_beta": "distill.beta",
     "check_images": "data.check_images", "lora": "lora.enabled", "lora_r": "lora.r",
+    "checkpoint_every": "runtime.checkpoint_every", "resume": "runtime.resume",
 }
 
 

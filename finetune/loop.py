@@ -27,24 +27,37 @@ def freeze_bn_stats(model: nn.Module) -> None:
 
 def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: LossFn, accelerator: Accelerator, *,
                 freeze_bn: bool, memory_format: torch.memory_format, updates: int, desc: str, progress: bool,
-                mixer: Mixer | None = None,
-                on_update: Callable[[int], None] | None = None) -> tuple[float, float, int, int, list[float]]:
+                mixer: Mixer | None = None, on_update: Callable[[int], None] | None = None,
+                epoch: int | None = None, skip: int = 0, sums: list[float] | None = None,
+                on_step: Callable[[int, int, Callable[[], list[float]]], None] | None = None,
+                ) -> tuple[float, float, int, int, list[float]]:
     """Train one epoch; returns (mean loss, top-1 on the un-mixed labels, images, updates, mean LR per group).
 
     ``mixer`` (timm ``Mixup``) turns labels into soft targets for the loss; ``on_update(updates)``
-    runs after every optimizer update (the EMA hooks in there).
+    runs after every optimizer update (the EMA hooks in there). ``epoch`` goes to the sampler
+    (the shuffled order is a function of it). Resuming mid-epoch: ``skip``
+    batches are passed over without loading them (``accelerator.skip_first_batches``) and
+    ``sums`` restores this process's running totals; ``on_step(batches_done, updates, get_sums)``
+    runs after every batch (checkpoints are written from there).
     """
     model.train()
     if freeze_bn:
         freeze_bn_stats(model)
-    lr_sums = [0.0] * len(optimizer.param_groups)
-    total_loss = torch.zeros((), device=accelerator.device)
-    correct = torch.zeros((), device=accelerator.device)
-    seen, step = 0, -1
+    groups = len(optimizer.param_groups)
+    sums = list(sums) if sums else [0.0] * (3 + groups)
+    total_loss = torch.tensor(sums[0], device=accelerator.device)
+    correct = torch.tensor(sums[1], device=accelerator.device)
+    seen, lr_sums = int(sums[2]), list(sums[3:])
+    step = skip - 1
+    batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+    if epoch is not None and hasattr(batches, "set_epoch"):
+        # accelerate's loaders count their own epochs (from 0 in a resumed process) and pass that
+        # count to the sampler at each iter(): set it, so the order is the epoch's own
+        batches.set_epoch(epoch)
     # disable=None: tqdm stays silent when stderr is not a terminal (no \r lines in log files)
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
+    bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, initial=skip, total=len(loader),
                disable=None if progress and accelerator.is_local_main_process else True)
-    for step, (images, labels) in enumerate(bar):
+    for step, (images, labels) in enumerate(bar, start=skip):
         images = images.contiguous(memory_format=memory_format)
         targets = labels
         if mixer is not None:
@@ -72,6 +85,8 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: LossFn,
         seen += labels.size(0)
         if not bar.disable:  # .item() waits for the device; only pay it when a bar shows the value
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if on_step is not None:
+            on_step(step + 1, updates, lambda: [total_loss.item(), correct.item(), float(seen), *lr_sums])
     totals = accelerator.reduce(torch.stack([total_loss, correct, torch.tensor(float(seen), device=accelerator.device)]),
                                 reduction="sum")
     n = max(totals[2].item(), 1.0)

@@ -46,9 +46,43 @@ def check_run_dir(recipe: Recipe, overwrite: bool) -> Path:
             f"run directory `{run_dir}` is inside the data folder `{recipe.data.root}`, so its files would become "
             "training images; pass --out outside the data folder"
         )
+    if recipe.runtime.resume is not None:
+        if not (run_dir / "recipe.yaml").is_file():
+            raise FinetuneError(f"--resume: `{run_dir}` holds no run to resume; pass its --out (or its recipe.yaml), "
+                                "or start the run without --resume")
+        return run_dir
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise FinetuneError(f"run directory `{run_dir}` already holds files; choose another --out or pass --overwrite")
+        raise FinetuneError(f"run directory `{run_dir}` already holds files; choose another --out, pass --overwrite, "
+                            "or --resume to continue it")
     return run_dir
+
+
+def resume_checkpoint(recipe: Recipe, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from (``runtime.resume``), after checking the run is the same run."""
+    from finetune.resume import find_checkpoint
+
+    if recipe.runtime.resume is None:
+        return None
+    saved = Recipe.from_yaml(run_dir / "recipe.yaml").to_dict()
+    wanted = recipe.replace({"runtime.resume": None}).to_dict()
+    for section, values in wanted.items():
+        for key, value in (values.items() if isinstance(values, dict) else [(None, values)]):
+            old = saved.get(section, {}).get(key) if key else saved.get(section)
+            if old != value and (section, key) != ("runtime", "out"):
+                name = f"{section}.{key}" if key else section
+                raise FinetuneError(f"--resume: {name} is `{value}` but the run was started with `{old}`; resume "
+                                    f"with the run's own recipe (finetune train {run_dir / 'recipe.yaml'} --resume)")
+    if recipe.runtime.resume == "latest":
+        checkpoint = find_checkpoint(run_dir)
+        if checkpoint is None:
+            raise FinetuneError(f"--resume: `{run_dir}` has no complete checkpoint yet; start it again with "
+                                "--overwrite")
+        return checkpoint
+    checkpoint = Path(recipe.runtime.resume)
+    if not checkpoint.is_dir():
+        raise FinetuneError(f"--resume `{checkpoint}`: no such checkpoint directory; use --resume alone for the "
+                            f"latest one in {run_dir / 'checkpoints'}")
+    return checkpoint
 
 
 def create_run_dir(run_dir: Path, accelerator: Accelerator, overwrite: bool) -> None:

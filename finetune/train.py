@@ -42,8 +42,10 @@ from finetune.loop import predict, train_epoch
 from finetune.metrics import classification_metrics, plot_confusion, plot_curves
 from finetune.models import RUN_META, RUN_WEIGHTS, check_model_name, load_model, read_run_meta
 from finetune.optim import body_stage_ids, build_optimizer, build_scheduler, plan_phases, set_trainable
+from finetune.resume import Position, load_checkpoint, save_checkpoint, set_rng_state
 from finetune.rundir import (check_run_dir, check_same_classes, create_run_dir, model_meta, report_split,
-                             write_log)
+                             resume_checkpoint, write_log)
+from finetune.sampling import EpochSampler, SeededAugmentation
 from finetune.weights import resolve_weights
 
 
@@ -94,6 +96,7 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
     accelerator = Accelerator(mixed_precision=recipe.runtime.mixed_precision,
                               gradient_accumulation_steps=recipe.optim.grad_accum)
     run_dir = check_run_dir(recipe, overwrite)
+    checkpoint = resume_checkpoint(recipe, run_dir)
     # Distillation also works on a folder of loose, unlabelled images: the KD (+ feature) terms need
     # no labels, and the teacher's predictions serve as validation labels.
     unlabelled = recipe.distill.teacher is not None and is_unlabelled_folder(data_root)
@@ -105,7 +108,8 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
                  check_images=recipe.data.check_images)
     if unlabelled:
         split.classes = list(source_meta["classes"])
-    create_run_dir(run_dir, accelerator, overwrite)
+    if checkpoint is None:
+        create_run_dir(run_dir, accelerator, overwrite)
     report_split(split, run_dir, accelerator)
 
     # Seeded after every step that may draw random numbers only sometimes (e.g. the one-off
@@ -124,12 +128,12 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
                            targets=recipe.lora.targets)
         accelerator.print(f"LoRA r={recipe.lora.r}: {describe_trainable(model)}")
     meta = model_meta(recipe, split, data_config, model, source_meta, accelerator.num_processes)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and checkpoint is None:
         write_json(run_dir / RUN_META, meta)
-        write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+        write_text(run_dir / "recipe.yaml", recipe.replace({"runtime.resume": None}).to_yaml())
 
     train_loader, val_loader = build_loaders(recipe, split, data_config)
-    memory_format = _memory_format(recipe, model, val_loader, accelerator)
+    memory_format = _memory_format(recipe, model, val_loader, accelerator, checkpoint)
     meta["memory_format"] = str(memory_format).replace("torch.", "")
     model = model.to(accelerator.device, memory_format=memory_format)
     train_loader, val_loader = accelerator.prepare(train_loader, val_loader)
@@ -153,27 +157,75 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
 
     # timm's EMA with warmup (decay ramps up from 0): short fine-tuning runs have few hundred updates
     ema = ModelEmaV3(model, decay=recipe.strategy.ema_decay, use_warmup=True) if recipe.strategy.ema else None
+    stages = max(body_stage_ids(model).values()) + 1 if recipe.resolved_strategy == "gradual" else None
+    phases = plan_phases(recipe, stages)
     history: list[dict[str, Any]] = []
-    best, epoch = (-1.0, 0.0), 0
-    stages = None
-    if recipe.resolved_strategy == "gradual":
-        stages = max(body_stage_ids(model).values()) + 1
-    for phase in plan_phases(recipe, stages):
+    best = (-1.0, 0.0)
+    position, resumed = Position(), None
+    if checkpoint is not None:
+        resumed = load_checkpoint(checkpoint, accelerator.process_index)
+        if resumed["world_size"] != accelerator.num_processes:
+            raise FinetuneError(f"checkpoint `{checkpoint}` was written by {resumed['world_size']} process(es), this "
+                                f"run has {accelerator.num_processes}; resume with the same number of processes")
+        accelerator.unwrap_model(model).load_state_dict(resumed["model"])
+        if ema is not None:
+            ema.module.load_state_dict(resumed["ema"])
+        history, best, position = resumed["history"], tuple(resumed["best"]), resumed["position"]
+        meta["best_epoch"] = resumed["best_epoch"]
+        accelerator.print(f"resuming from {checkpoint}: {position.epochs_done} epoch(s) and {position.batches} "
+                          f"batch(es) done, {position.total_updates} updates")
+    total_updates = [position.total_updates]
+    every = recipe.runtime.checkpoint_every
+
+    def save(phase_index: int, epochs_done: int, batches: int, updates: int, sums: list[float]) -> None:
+        save_checkpoint(
+            run_dir, accelerator, model=accelerator.unwrap_model(model), ema=ema.module if ema else None,
+            optimizer=optimizer, scheduler=scheduler,
+            position=Position(phase_index, epochs_done, batches, updates, total_updates[0]),
+            extra={"history": history, "best": list(best), "best_epoch": meta.get("best_epoch"),
+                   "memory_format": meta["memory_format"]},
+            rank_state={"sums": sums}, keep=recipe.runtime.keep_checkpoints)
+
+    def on_update(updates: int) -> None:
+        total_updates[0] += 1
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model), step=total_updates[0])
+
+    epochs_before = [sum(p.epochs for p in phases[:i]) for i in range(len(phases))]
+    for phase_index, phase in enumerate(phases):
+        if epochs_before[phase_index] + phase.epochs <= position.epochs_done:
+            continue  # finished before the checkpoint
         model = set_trainable(accelerator.unwrap_model(model), phase)
         model = accelerator.prepare_model(model)
         optimizer = accelerator.prepare_optimizer(build_optimizer(accelerator.unwrap_model(model), phase, recipe))
         updates_per_epoch = max(1, math.ceil(len(train_loader) / recipe.optim.grad_accum))
         scheduler = build_scheduler(optimizer, phase, recipe, updates_per_epoch)
-        on_update = _ema_hook(ema, accelerator.unwrap_model(model)) if ema is not None else None
         updates = 0
-        for _ in range(phase.epochs):
-            epoch += 1
+        if resumed is not None and position.phase == phase_index:  # the checkpoint's optimizer is this phase's
+            optimizer.load_state_dict(resumed["optimizer"])
+            scheduler.load_state_dict(resumed["scheduler"])
+            updates = position.updates
+        first = max(epochs_before[phase_index], position.epochs_done) + 1
+        for epoch in range(first, epochs_before[phase_index] + phase.epochs + 1):
+            skip, sums = 0, None
+            if resumed is not None:  # the first epoch after the checkpoint: its RNGs, its place in the epoch
+                skip = position.batches
+                sums = resumed["rng"]["rank_state"]["sums"] if skip and resumed["rng"] else None
+                if resumed["rng"] is not None:
+                    set_rng_state(resumed["rng"])
+                resumed = None
             tic = time.perf_counter()
+
+            def on_step(batches: int, updates_now: int, get_sums: Callable[[], list[float]],
+                        _epoch: int = epoch, _phase: int = phase_index) -> None:
+                if every and accelerator.sync_gradients and updates_now % every == 0 and batches < len(train_loader):
+                    save(_phase, _epoch - 1, batches, updates_now, get_sums())
+
             train_loss, train_top1, seen, updates, mean_lrs = train_epoch(
                 model, train_loader, optimizer, scheduler, loss_fn, accelerator,
                 freeze_bn=freeze_bn, memory_format=memory_format, updates=updates,
                 desc=f"epoch {epoch}/{recipe.optim.epochs} ({phase.name})", progress=progress,
-                mixer=mixer, on_update=on_update,
+                mixer=mixer, on_update=on_update, epoch=epoch, skip=skip, sums=sums, on_step=on_step,
             )
             train_seconds = time.perf_counter() - tic
             evaluated = ema.module if ema is not None else model  # EMA runs validate (and save) the EMA weights
@@ -195,20 +247,21 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
                 f"{train_top1:.3f} | val{' (EMA)' if ema else ''} loss {val_loss:.4f} acc {val_top1:.3f} | "
                 f"{row['train_images_per_s']:.1f} img/s"
             )
-            if accelerator.is_main_process:
-                saved = accelerator.unwrap_model(evaluated)
-                state = model_state_dict(_plain_model(saved, recipe))
-                save_weights(state, run_dir / "checkpoints" / "last.safetensors")
-                if (val_top1, -val_loss) > best:  # ties on accuracy go to the lower loss
-                    best = (val_top1, -val_loss)
-                    meta["best_epoch"] = epoch
-                    save_weights(state, run_dir / RUN_WEIGHTS, weights_metadata(meta))
+            if (val_top1, -val_loss) > best:  # ties on accuracy go to the lower loss
+                best = (val_top1, -val_loss)
+                meta["best_epoch"] = epoch
+                if accelerator.is_main_process:
+                    saved = accelerator.unwrap_model(evaluated)
+                    save_weights(model_state_dict(_plain_model(saved, recipe)), run_dir / RUN_WEIGHTS,
+                                 weights_metadata(meta))
                     if recipe.lora.enabled:
                         from finetune.adapters import save_adapter
 
                         save_adapter(saved, run_dir / "adapter")
                     write_json(run_dir / RUN_META, meta)
+            if accelerator.is_main_process:
                 write_log(history, run_dir / "log.csv")
+            save(phase_index, epoch, 0, updates, [])
             accelerator.wait_for_everyone()
 
     # Final evaluation of the best weights, so metrics.json describes model.safetensors.
@@ -269,12 +322,6 @@ def _plain_model(model: nn.Module, recipe: Recipe) -> nn.Module:
     return merge_lora(copy.deepcopy(model))
 
 
-def _ema_hook(ema: ModelEmaV3, model: nn.Module) -> Callable[[int], None]:
-    def update(step: int) -> None:
-        ema.update(model, step=step)
-    return update
-
-
 def build_loss(recipe: Recipe, split: FolderSplit, device: torch.device) -> tuple[Callable, Mixup | None]:
     """Cross-entropy (label smoothing, class weights), or timm's Mixup + soft-target CE."""
     aug = recipe.augment
@@ -328,23 +375,28 @@ def build_loaders(recipe: Recipe, split: FolderSplit, data_config: dict) -> tupl
     train_tf = build_transform(data_config, train=True, scale=(aug.scale, 1.0), hflip=aug.hflip,
                                auto_augment=aug.timm_auto_augment, re_prob=aug.random_erasing)
     eval_tf = build_transform(data_config, train=False)
-    generator = torch.Generator().manual_seed(recipe.runtime.seed)
     batch_size = recipe.data.batch_size
     common = dict(batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0,
                   pin_memory=torch.cuda.is_available())
     draft = draft_size(data_config)
     # drop only a last batch of one image: BatchNorm in train mode cannot normalise a single sample
-    train = DataLoader(ImageDataset(split.train, train_tf, draft_size=draft), shuffle=True, generator=generator,
+    # order and augmentation are functions of (seed, epoch, index): see finetune.sampling
+    train_set = SeededAugmentation(ImageDataset(split.train, train_tf, draft_size=draft), recipe.runtime.seed)
+    train = DataLoader(train_set, sampler=EpochSampler(len(train_set), recipe.runtime.seed),
                        drop_last=len(split.train) % batch_size == 1, **common)
     val = DataLoader(ImageDataset(split.val, eval_tf, draft_size=draft), shuffle=False, **common)
     return train, val
 
 
-def _memory_format(recipe: Recipe, model: nn.Module, loader: DataLoader,
-                   accelerator: Accelerator) -> torch.memory_format:
-    """The forced format, or (``auto``) the one measured faster for this model, size and device."""
+def _memory_format(recipe: Recipe, model: nn.Module, loader: DataLoader, accelerator: Accelerator,
+                   checkpoint: Path | None = None) -> torch.memory_format:
+    """The forced format, or (``auto``) the one measured faster for this model, size and device;
+    a resumed run keeps the format its checkpoint was trained in."""
     if recipe.runtime.memory_format != "auto":
         return FORMATS[recipe.runtime.memory_format]
+    if checkpoint is not None:
+        saved = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=True)["memory_format"]
+        return FORMATS[saved]
     with torch.random.fork_rng(devices=[]):  # timing must not shift the seeded random stream
         images, labels = next(iter(loader))
         # labels only feed the timing loss; unlabelled images carry -1

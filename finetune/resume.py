@@ -1,0 +1,150 @@
+"""Training checkpoints that survive ``kill -9`` at any instant, and exact resume from them.
+
+A checkpoint is a directory ``RUN/checkpoints/step-<updates>/`` holding
+
+* ``model.safetensors`` (the training model, LoRA wrappers included), ``ema.safetensors``;
+* ``trainer.pt``: optimizer and LR-scheduler state, the data position (phase, epochs done,
+  batches consumed in the current epoch, optimizer updates), the running epoch sums, the
+  history so far and the best epoch; loaded with ``torch.load(weights_only=True)`` only;
+* ``rng-rank<r>.pt``: every process's torch, Python and NumPy generator states.
+
+It is written into ``step-<n>.tmp/``, each file fsynced, then renamed into place (a directory
+rename is atomic on POSIX) and only then named in ``checkpoints/latest``; older checkpoints are
+deleted after that, keeping the newest ``keep``. A kill at any instant therefore leaves either
+the previous checkpoint or the new one complete and named, never a half-written one.
+
+>>> from finetune.resume import find_checkpoint                  # doctest: +SKIP
+>>> find_checkpoint("runs/photos")                             # doctest: +SKIP
+PosixPath('runs/photos/checkpoints/step-00000120')
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from finetune.checkpoint import fsync_dir, model_state_dict, save_weights, write_text
+from finetune.errors import FinetuneError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+COMPLETE = "trainer.pt"  # written last: a directory without it is not a checkpoint
+
+
+@dataclass
+class Position:
+    """Where training stands: resume continues from exactly here."""
+
+    phase: int = 0                # index into plan_phases(recipe)
+    epochs_done: int = 0          # whole epochs finished (over all phases)
+    batches: int = 0              # batches of epoch ``epochs_done + 1`` already trained
+    updates: int = 0              # optimizer updates in the current phase (the LR schedule's step)
+    total_updates: int = 0        # optimizer updates over the run (the EMA's step)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's generator states, in types ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                        int(has_gauss), float(gauss)),
+             "python": (version, list(internal), gauss_next)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def save_checkpoint(run_dir: Path, accelerator, *, model: torch.nn.Module, ema: torch.nn.Module | None,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, position: Position,
+                    extra: dict[str, Any], rank_state: dict[str, Any], keep: int = 2) -> Path:
+    """Write a checkpoint atomically (every process calls this; rank 0 writes the shared files).
+
+    ``rank_state`` is this process's own state besides its RNGs (its running epoch sums).
+    """
+    root = run_dir / CHECKPOINTS
+    name = f"step-{position.total_updates:08d}-e{position.epochs_done:03d}b{position.batches:05d}"
+    final, tmp = root / name, root / f"{name}.tmp"
+    if accelerator.is_main_process:
+        for stale in root.glob("step-*.tmp"):  # left by a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rank_file = tmp / f"rng-rank{accelerator.process_index}.pt"
+    torch.save({**rng_state(), "rank_state": rank_state}, rank_file)
+    _fsync_file(rank_file)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_weights(model_state_dict(model), tmp / "model.safetensors")
+        if ema is not None:
+            save_weights(model_state_dict(ema), tmp / "ema.safetensors")
+        trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                   "position": asdict(position), "world_size": accelerator.num_processes, **extra}
+        torch.save(trainer, tmp / COMPLETE)
+        for path in tmp.iterdir():
+            _fsync_file(path)
+        fsync_dir(tmp)
+        if final.exists():  # the same position saved twice (epoch end right after a step save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        write_text(root / LATEST, name + "\n")
+        complete = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in complete[:-keep]:  # the previous ones go only once the new one is named
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a run (``checkpoints/latest``, else the newest complete one)."""
+    root = Path(run_dir) / CHECKPOINTS
+    latest = root / LATEST
+    if latest.is_file():
+        named = root / latest.read_text().strip()
+        if (named / COMPLETE).is_file():
+            return named
+    complete = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
+                      and (p / COMPLETE).is_file())
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(path: Path, process_index: int) -> dict[str, Any]:
+    """Read a checkpoint: tensors via safetensors, the rest with ``weights_only=True``."""
+    if not (path / COMPLETE).is_file():
+        raise FinetuneError(f"`{path}` is not a complete checkpoint (no {COMPLETE}); pass a "
+                            f"checkpoints/step-* directory or --resume latest")
+    try:
+        trainer = torch.load(path / COMPLETE, map_location="cpu", weights_only=True)
+        rng_file = path / f"rng-rank{process_index}.pt"
+        rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
+    except Exception as exc:  # noqa: BLE001 -- unpickling refused or a damaged file
+        raise FinetuneError(f"cannot load checkpoint `{path}`: {str(exc).splitlines()[0][:160]}; "
+                            "it is damaged or not one of ours (only plain tensors and numbers are accepted)") from None
+    state = {**trainer, "rng": rng, "model": load_file(path / "model.safetensors")}
+    if (path / "ema.safetensors").is_file():
+        state["ema"] = load_file(path / "ema.safetensors")
+    state["position"] = Position(**trainer["position"])
+    return state
