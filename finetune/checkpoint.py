@@ -112,3 +112,29 @@ def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike,
     """Atomically write ``state`` as safetensors."""
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata or {"format": "pt"})
+
+
+def safe_torch_load(path: str | os.PathLike, what: str = "weights") -> Any:
+    """``torch.load(weights_only=True)``: tensors, numbers, strings and containers only.
+
+    A file that would need pickled code (a class, ``os.system`` …) is refused with a one-line
+    :class:`~finetune.errors.FinetuneError` before any of it runs; torch's own warnings about the
+    file's pickle protocol are silenced so the user sees that one line.
+    """
+    import pickle
+    import warnings
+
+    import torch
+
+    from finetune.errors import FinetuneError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise FinetuneError(f"`{path}` is not a plain {what} file: it holds pickled code, refused for "
+                            "safety; re-save it as a state dict or .safetensors") from None
+    except Exception as err:  # noqa: BLE001 -- torch raises RuntimeError/EOFError/... for unparsable files
+        raise FinetuneError(f"`{path}` could not be read as PyTorch {what} ({type(err).__name__}); the file is "
+                            "damaged or not a PyTorch file") from None

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from finetune.checkpoint import fsync_dir, model_state_dict, save_weights, write_text
+from finetune.checkpoint import fsync_dir, model_state_dict, safe_torch_load, save_weights, write_text
 from finetune.errors import FinetuneError
 
 CHECKPOINTS = "checkpoints"
@@ -136,13 +136,9 @@ def load_checkpoint(path: Path, process_index: int) -> dict[str, Any]:
     if not (path / COMPLETE).is_file():
         raise FinetuneError(f"`{path}` is not a complete checkpoint (no {COMPLETE}); pass a "
                             f"checkpoints/step-* directory or --resume latest")
-    try:
-        trainer = torch.load(path / COMPLETE, map_location="cpu", weights_only=True)
-        rng_file = path / f"rng-rank{process_index}.pt"
-        rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
-    except Exception as exc:  # noqa: BLE001 -- unpickling refused or a damaged file
-        raise FinetuneError(f"cannot load checkpoint `{path}`: {str(exc).splitlines()[0][:160]}; "
-                            "it is damaged or not one of ours (only plain tensors and numbers are accepted)") from None
+    trainer = safe_torch_load(path / COMPLETE, "checkpoint")
+    rng_file = path / f"rng-rank{process_index}.pt"
+    rng = safe_torch_load(rng_file, "checkpoint") if rng_file.is_file() else None
     state = {**trainer, "rng": rng, "model": load_file(path / "model.safetensors")}
     if (path / "ema.safetensors").is_file():
         state["ema"] = load_file(path / "ema.safetensors")

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from finetune.autotune import FORMATS, choose_memory_format
-from finetune.checkpoint import model_state_dict, save_weights, weights_metadata, write_json, write_text
+from finetune.checkpoint import model_state_dict, safe_torch_load, save_weights, weights_metadata, write_json, write_text
 from finetune.config import Recipe
 from finetune.data import (FolderSplit, ImageDataset, Sample, build_transform, class_weights, draft_size,
                            eval_loader, is_unlabelled_folder, scan_folder, scan_unlabelled)
@@ -395,7 +395,7 @@ def _memory_format(recipe: Recipe, model: nn.Module, loader: DataLoader, acceler
     if recipe.runtime.memory_format != "auto":
         return FORMATS[recipe.runtime.memory_format]
     if checkpoint is not None:
-        saved = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=True)["memory_format"]
+        saved = safe_torch_load(checkpoint / "trainer.pt", "checkpoint")["memory_format"]
         return FORMATS[saved]
     with torch.random.fork_rng(devices=[]):  # timing must not shift the seeded random stream
         images, labels = next(iter(loader))

@@ -21,7 +21,6 @@ import difflib
 import hashlib
 import importlib.util
 import os
-import pickle
 import re
 import socket
 import threading
@@ -39,7 +38,7 @@ import torch
 from huggingface_hub import constants as hf_constants
 from torch import nn
 
-from finetune.checkpoint import atomic_path
+from finetune.checkpoint import atomic_path, safe_torch_load
 from finetune.errors import FinetuneError
 
 __all__ = [
@@ -446,14 +445,7 @@ def _file_plan(name: str, path: Path) -> WeightsPlan:
 
 
 def _torch_load_user_file(path: Path) -> StateDict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise FinetuneError(f"`{path}` is not a plain weights file: it holds pickled code, refused for "
-                            "safety; re-save it as a state dict or .safetensors") from None
-    except Exception as err:  # torch raises RuntimeError/EOFError/... for files it cannot parse
-        raise FinetuneError(f"`{path}` could not be read as PyTorch weights ({type(err).__name__}); "
-                            "pass a .safetensors/.pth state dict") from None
+    obj = safe_torch_load(path)
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
