@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -64,8 +65,41 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
     return recipe
 
 
+LAUNCH_FLAGS = {"--num-processes": True, "--num-machines": True, "--machine-rank": True,
+                "--main-process-ip": True, "--main-process-port": True}
+
+
+def _add_launch_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("several processes (DDP; gloo on CPU, NCCL on GPUs)")
+    group.add_argument("--num-processes", type=int, default=1, metavar="N",
+                       help="training processes on this machine (one process group; see finetune/launch.py)")
+    group.add_argument("--num-machines", type=int, default=1, metavar="M", help="machines taking part")
+    group.add_argument("--machine-rank", type=int, default=0, metavar="R", help="this machine's rank, 0..M-1")
+    group.add_argument("--main-process-ip", default="127.0.0.1", help="address of machine 0")
+    group.add_argument("--main-process-port", type=int, help="rendezvous port (same on every machine)")
+
+
+def _without_launch_flags(argv: Sequence[str]) -> list[str]:
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        name = item.split("=", 1)[0]
+        if name in LAUNCH_FLAGS:
+            skip = "=" not in item
+            continue
+        kept.append(item)
+    return kept
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     recipe = _recipe_from_args(args)  # validated before the heavy import, so mistakes answer at once
+    if (args.num_processes > 1 or args.num_machines > 1) and "WORLD_SIZE" not in os.environ:
+        from finetune.launch import launch
+
+        return launch(_without_launch_flags(args.argv), args.num_processes, args.num_machines, args.machine_rank,
+                      args.main_process_ip, args.main_process_port)
     from finetune.train import fit
 
     fit(recipe, progress=not args.no_progress, overwrite=args.overwrite)
@@ -286,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", nargs="?", help="optional recipe: a name from `finetune recipes` or a YAML file "
                        "(e.g. a run's recipe.yaml); flags and --set override it")
     _add_recipe_flags(train)
+    _add_launch_flags(train)
     train.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out directory")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=cmd_train)
@@ -297,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("recipe", nargs="?", help=argparse.SUPPRESS)
     di.add_argument("--student", dest="model", help="run directory of the student (e.g. from `finetune convert`)")
     _add_recipe_flags(di)
+    _add_launch_flags(di)
     di.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out directory")
     di.add_argument("--no-progress", action="store_true", help="no progress bars")
     di.set_defaults(func=cmd_distill)
@@ -424,7 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``finetune`` console script; returns the exit code."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -93,7 +93,9 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
     # accelerate keeps one AcceleratorState per process and refuses a second fit() with another
     # mixed precision (notebooks, the demo); drop it, keeping the process group (PartialState).
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=recipe.runtime.mixed_precision,
+    # cpu=True without CUDA: accelerate 1.15 only forms a gloo process group under torchrun (world
+    # size > 1) when told the run is on CPU; otherwise each process would train alone.
+    accelerator = Accelerator(mixed_precision=recipe.runtime.mixed_precision, cpu=not torch.cuda.is_available(),
                               gradient_accumulation_steps=recipe.optim.grad_accum)
     run_dir = check_run_dir(recipe, overwrite)
     checkpoint = resume_checkpoint(recipe, run_dir)
@@ -133,6 +135,7 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
         write_text(run_dir / "recipe.yaml", recipe.replace({"runtime.resume": None}).to_yaml())
 
     train_loader, val_loader = build_loaders(recipe, split, data_config)
+    train_sampler = train_loader.sampler  # ours (EpochSampler); accelerate wraps it below
     memory_format = _memory_format(recipe, model, val_loader, accelerator, checkpoint)
     meta["memory_format"] = str(memory_format).replace("torch.", "")
     model = model.to(accelerator.device, memory_format=memory_format)
@@ -214,6 +217,8 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
                 if resumed["rng"] is not None:
                     set_rng_state(resumed["rng"])
                 resumed = None
+            # accelerate forwards set_epoch only two wrappers deep; under DDP + skip it is three
+            train_sampler.set_epoch(epoch)
             tic = time.perf_counter()
 
             def on_step(batches: int, updates_now: int, get_sums: Callable[[], list[float]],
