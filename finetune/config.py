@@ -200,9 +200,14 @@ class StrategyConfig(_Section):
     ema: bool = field(default=False, metadata=_help("keep an EMA of the weights (timm ModelEmaV3); validate and "
                                                     "save the EMA weights"))
     ema_decay: float = field(default=0.998, metadata=_help("EMA decay per optimizer update (with warmup)"))
+    feature_cache: bool = field(default=True, metadata=_help("head-only epochs train on cached backbone features "
+                                                             "when the backbone is frozen (see finetune/features.py)"))
+    cache_views: int = field(default=1, metadata=_help("augmented views per image in the feature cache; head "
+                                                       "epochs cycle through them"))
 
     def check(self) -> None:
         self._at_least("head_epochs", 0)
+        self._at_least("cache_views", 1)
         self._within("ema_decay", 0.0, 0.999999, "in [0, 1)")
 
 
@@ -301,7 +306,8 @@ SHORT_KEYS = {
     "warmup_epochs": "optim.warmup_epochs", "label_smoothing": "optim.label_smoothing",
     "val_fraction": "data.val_fraction", "seed": "runtime.seed", "mixed_precision": "runtime.mixed_precision",
     "grad_accum": "optim.grad_accum", "num_workers": "data.num_workers", "class_balanced": "data.class_balanced",
-    "bn": "strategy.bn", "ema": "strategy.ema", "ema_decay": "strategy.ema_decay", "memory_format": "runtime.memory_format",
+    "bn": "strategy.bn", "ema": "strategy.ema", "ema_decay": "strategy.ema_decay",
+    "feature_cache": "strategy.feature_cache", "memory_format": "runtime.memory_format",
     "aug_scale": "augment.scale", "auto_augment": "augment.auto_augment", "mixup": "augment.mixup",
     "cutmix": "augment.cutmix", "random_erasing": "augment.random_erasing", "teacher": "distill.teacher",
     "kd_alpha": "distill.alpha", "kd_temperature": "distill.temperature", "kd_beta": "distill.beta",

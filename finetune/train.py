@@ -38,6 +38,7 @@ from finetune.data import (FolderSplit, ImageDataset, Sample, build_transform, c
                            eval_loader, is_unlabelled_folder, scan_folder, scan_unlabelled)
 from finetune.distill import DistillationLoss, feature_layers_from_plan
 from finetune.errors import FinetuneError
+from finetune.features import FeatureCache, HeadOnly, cache_unusable_reason
 from finetune.loop import predict, train_epoch
 from finetune.metrics import classification_metrics, plot_confusion, plot_curves
 from finetune.models import RUN_META, RUN_WEIGHTS, check_model_name, load_model, read_run_meta
@@ -136,6 +137,7 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
 
     train_loader, val_loader = build_loaders(recipe, split, data_config)
     train_sampler = train_loader.sampler  # ours (EpochSampler); accelerate wraps it below
+    train_images, val_images = train_loader.dataset.dataset, val_loader.dataset
     memory_format = _memory_format(recipe, model, val_loader, accelerator, checkpoint)
     meta["memory_format"] = str(memory_format).replace("torch.", "")
     model = model.to(accelerator.device, memory_format=memory_format)
@@ -194,12 +196,29 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
         if ema is not None:
             ema.update(accelerator.unwrap_model(model), step=total_updates[0])
 
+    cache_reason = "off (strategy.feature_cache false)" if not recipe.strategy.feature_cache else \
+        cache_unusable_reason(accelerator.unwrap_model(model), freeze_bn=freeze_bn, mixes=recipe.augment.mixes,
+                              distills=distiller is not None, lora=recipe.lora.enabled)
+    cache: FeatureCache | None = None
+    if any(p.trainable == "head" for p in phases):
+        accelerator.print("head-only epochs: " + (f"from cached backbone features ({recipe.strategy.cache_views} "
+                                                  "augmented view(s) per image)" if cache_reason is None
+                                                  else f"backbone recomputed every epoch: {cache_reason}"))
     epochs_before = [sum(p.epochs for p in phases[:i]) for i in range(len(phases))]
     for phase_index, phase in enumerate(phases):
         if epochs_before[phase_index] + phase.epochs <= position.epochs_done:
             continue  # finished before the checkpoint
+        cached = cache_reason is None and phase.trainable == "head"
         model = set_trainable(accelerator.unwrap_model(model), phase)
-        model = accelerator.prepare_model(model)
+        if cached and cache is None:
+            cache = FeatureCache(model, train_images, val_images, seed=recipe.runtime.seed,
+                                 views=recipe.strategy.cache_views, batch_size=recipe.data.batch_size,
+                                 memory_format=memory_format, device=accelerator.device,
+                                 description=f"{meta['architecture']}|{data_config}")
+        # the network this phase trains: the head on cached features, or the whole model on images
+        net = accelerator.prepare_model(HeadOnly(model)) if cached else accelerator.prepare_model(model)
+        if not cached:
+            model = net
         optimizer = accelerator.prepare_optimizer(build_optimizer(accelerator.unwrap_model(model), phase, recipe))
         updates_per_epoch = max(1, math.ceil(len(train_loader) / recipe.optim.grad_accum))
         scheduler = build_scheduler(optimizer, phase, recipe, updates_per_epoch)
@@ -217,9 +236,15 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
                 if resumed["rng"] is not None:
                     set_rng_state(resumed["rng"])
                 resumed = None
+            tic = time.perf_counter()  # includes computing the cached features, when that happens
+            loader, sampler, val_batches, fmt = train_loader, train_sampler, val_loader, memory_format
+            if cached:
+                loader, sampler = cache.train_loader(cache.view_of(epoch), recipe.data.batch_size,
+                                                     drop_last=len(train_images) % recipe.data.batch_size == 1)
+                loader, val_batches = accelerator.prepare(loader, cache.val_loader(recipe.data.batch_size))
+                fmt = torch.contiguous_format
             # accelerate forwards set_epoch only two wrappers deep; under DDP + skip it is three
-            train_sampler.set_epoch(epoch)
-            tic = time.perf_counter()
+            sampler.set_epoch(epoch)
 
             def on_step(batches: int, updates_now: int, get_sums: Callable[[], list[float]],
                         _epoch: int = epoch, _phase: int = phase_index) -> None:
@@ -227,14 +252,15 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
                     save(_phase, _epoch - 1, batches, updates_now, get_sums())
 
             train_loss, train_top1, seen, updates, mean_lrs = train_epoch(
-                model, train_loader, optimizer, scheduler, loss_fn, accelerator,
-                freeze_bn=freeze_bn, memory_format=memory_format, updates=updates,
+                net, loader, optimizer, scheduler, loss_fn, accelerator,
+                freeze_bn=freeze_bn, memory_format=fmt, updates=updates,
                 desc=f"epoch {epoch}/{recipe.optim.epochs} ({phase.name})", progress=progress,
                 mixer=mixer, on_update=on_update, epoch=epoch, skip=skip, sums=sums, on_step=on_step,
             )
             train_seconds = time.perf_counter() - tic
             evaluated = ema.module if ema is not None else model  # EMA runs validate (and save) the EMA weights
-            logits, labels = predict(evaluated, val_loader, accelerator, memory_format)
+            logits, labels = predict(HeadOnly(accelerator.unwrap_model(evaluated)) if cached else evaluated,
+                                     val_batches, accelerator, fmt)
             val_loss = nn.functional.cross_entropy(logits, labels).item()
             val_top1 = (logits.argmax(1) == labels).float().mean().item()
             row = {
