@@ -20,6 +20,8 @@ _EXPORTS = {
     "load_recipe": "finetune.recipes",
     "list_recipes": "finetune.recipes",
     "lr_find": "finetune.lr_finder",
+    "write_demo_folder": "finetune.demo_data",
+    "export_run": "finetune.export",
     "apply_lora": "finetune.adapters",
     "merge_lora": "finetune.adapters",
     "FinetuneError": "finetune.errors",

@@ -57,6 +57,19 @@ def check_run_dir(recipe: Recipe, overwrite: bool) -> Path:
     return run_dir
 
 
+def recipe_for_disk(recipe: Recipe, run_dir: Path) -> Recipe:
+    """The recipe as ``RUN/recipe.yaml`` stores it: paths absolute (it re-runs from any folder),
+    no ``runtime.resume`` (a re-run starts from scratch unless asked)."""
+    changes: dict = {"runtime.resume": None, "runtime.out": str(run_dir.resolve())}
+    if recipe.data.root:
+        changes["data.root"] = str(Path(recipe.data.root).expanduser().resolve())
+    if recipe.starts_from_run:
+        changes["model.name"] = str(Path(recipe.model.name).expanduser().resolve())
+    if recipe.distill.teacher:
+        changes["distill.teacher"] = str(Path(recipe.distill.teacher).expanduser().resolve())
+    return recipe.replace(changes)
+
+
 def resume_checkpoint(recipe: Recipe, run_dir: Path) -> Path | None:
     """The checkpoint to resume from (``runtime.resume``), after checking the run is the same run."""
     from finetune.resume import find_checkpoint
@@ -64,11 +77,11 @@ def resume_checkpoint(recipe: Recipe, run_dir: Path) -> Path | None:
     if recipe.runtime.resume is None:
         return None
     saved = Recipe.from_yaml(run_dir / "recipe.yaml").to_dict()
-    wanted = recipe.replace({"runtime.resume": None}).to_dict()
+    wanted = recipe_for_disk(recipe, run_dir).to_dict()
     for section, values in wanted.items():
         for key, value in (values.items() if isinstance(values, dict) else [(None, values)]):
             old = saved.get(section, {}).get(key) if key else saved.get(section)
-            if old != value and (section, key) != ("runtime", "out"):
+            if old != value:
                 name = f"{section}.{key}" if key else section
                 raise FinetuneError(f"--resume: {name} is `{value}` but the run was started with `{old}`; resume "
                                     f"with the run's own recipe (finetune train {run_dir / 'recipe.yaml'} --resume)")

@@ -44,8 +44,8 @@ from finetune.metrics import classification_metrics, plot_confusion, plot_curves
 from finetune.models import RUN_META, RUN_WEIGHTS, check_model_name, load_model, read_run_meta
 from finetune.optim import body_stage_ids, build_optimizer, build_scheduler, plan_phases, set_trainable
 from finetune.resume import Position, load_checkpoint, save_checkpoint, set_rng_state
-from finetune.rundir import (check_run_dir, check_same_classes, create_run_dir, model_meta, report_split,
-                             resume_checkpoint, write_log)
+from finetune.rundir import (check_run_dir, check_same_classes, create_run_dir, model_meta, recipe_for_disk,
+                             report_split, resume_checkpoint, write_log)
 from finetune.sampling import EpochSampler, SeededAugmentation
 from finetune.weights import resolve_weights
 
@@ -130,10 +130,11 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
         model = apply_lora(model, r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
                            targets=recipe.lora.targets)
         accelerator.print(f"LoRA r={recipe.lora.r}: {describe_trainable(model)}")
-    meta = model_meta(recipe, split, data_config, model, source_meta, accelerator.num_processes)
+    meta = model_meta(recipe_for_disk(recipe, run_dir), split, data_config, model, source_meta,
+                      accelerator.num_processes)
     if accelerator.is_main_process and checkpoint is None:
         write_json(run_dir / RUN_META, meta)
-        write_text(run_dir / "recipe.yaml", recipe.replace({"runtime.resume": None}).to_yaml())
+        write_text(run_dir / "recipe.yaml", recipe_for_disk(recipe, run_dir).to_yaml())
 
     train_loader, val_loader = build_loaders(recipe, split, data_config)
     train_sampler = train_loader.sampler  # ours (EpochSampler); accelerate wraps it below
