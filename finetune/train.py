@@ -31,7 +31,8 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 
-from finetune.autotune import FORMATS, choose_memory_format
+from finetune.autotune import (FORMATS, autotune_key, cached_memory_format, choose_memory_format,
+                                remember_memory_format)
 from finetune.checkpoint import model_state_dict, safe_torch_load, save_weights, weights_metadata, write_json, write_text
 from finetune.config import Recipe
 from finetune.data import (FolderSplit, ImageDataset, Sample, build_transform, class_weights, draft_size,
@@ -429,11 +430,24 @@ def _memory_format(recipe: Recipe, model: nn.Module, loader: DataLoader, acceler
     if checkpoint is not None:
         saved = safe_torch_load(checkpoint / "trainer.pt", "checkpoint")["memory_format"]
         return FORMATS[saved]
-    with torch.random.fork_rng(devices=[]):  # timing must not shift the seeded random stream
+    with torch.random.fork_rng(devices=[]):  # iter() draws a seed: it must not shift the seeded stream
         images, labels = next(iter(loader))
+    images = images.to(accelerator.device)
+    # the name alone would not tell a converted model from its dense original: add the size
+    name = str(getattr(model, "default_cfg", {}).get("architecture", type(model).__name__))
+    key = autotune_key(f"{name}:{sum(p.numel() for p in model.parameters())}", images)
+    cached = cached_memory_format(key)
+    if cached is not None:
+        fmt = cached[0]
+        accelerator.print(f"memory format: {str(fmt).replace('torch.', '')} (measured before for this model, size "
+                          "and machine; --memory-format forces one)")
+        return fmt
+    with torch.random.fork_rng(devices=[]):  # timing must not shift the seeded random stream
         # labels only feed the timing loss; unlabelled images carry -1
-        fmt, timings = choose_memory_format(model.to(accelerator.device), images.to(accelerator.device),
+        fmt, timings = choose_memory_format(model.to(accelerator.device), images,
                                             labels.clamp(min=0).to(accelerator.device))
+    if accelerator.is_main_process:
+        remember_memory_format(key, fmt, timings)
     accelerator.print("memory format: " + ", ".join(f"{k} {v * 1000:.0f} ms/step" for k, v in timings.items())
                       + f" -> {str(fmt).replace('torch.', '')}")
     return fmt
