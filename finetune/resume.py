@@ -3,7 +3,7 @@
 A checkpoint is a directory ``RUN/checkpoints/step-<updates>/`` holding
 
 * ``model.safetensors`` (the training model, LoRA wrappers included), ``ema.safetensors``;
-* ``trainer.pt``: optimizer and LR-scheduler state, the data position (phase, epochs done,
+* ``trainer.pt``: optimizer, LR-scheduler and fp16 grad-scaler state, the data position (phase, epochs done,
   batches consumed in the current epoch, optimizer updates), the running epoch sums, the
   history so far and the best epoch; loaded with ``torch.load(weights_only=True)`` only;
 * ``rng-rank<r>.pt``: every process's torch, Python and NumPy generator states.

@@ -190,7 +190,8 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
             optimizer=optimizer, scheduler=scheduler,
             position=Position(phase_index, epochs_done, batches, updates, total_updates[0]),
             extra={"history": history, "best": list(best), "best_epoch": meta.get("best_epoch"),
-                   "memory_format": meta["memory_format"]},
+                   "memory_format": meta["memory_format"],
+                   "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None},
             rank_state={"sums": sums}, keep=recipe.runtime.keep_checkpoints)
 
     def on_update(updates: int) -> None:
@@ -228,6 +229,8 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
         if resumed is not None and position.phase == phase_index:  # the checkpoint's optimizer is this phase's
             optimizer.load_state_dict(resumed["optimizer"])
             scheduler.load_state_dict(resumed["scheduler"])
+            if accelerator.scaler is not None and resumed.get("grad_scaler"):  # fp16: the loss scale goes on
+                accelerator.scaler.load_state_dict(resumed["grad_scaler"])
             updates = position.updates
         first = max(epochs_before[phase_index], position.epochs_done) + 1
         for epoch in range(first, epochs_before[phase_index] + phase.epochs + 1):
