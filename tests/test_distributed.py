@@ -135,3 +135,11 @@ def test_simulated_two_machine_run(data, one_process, tmp_path):
     m1 = json.loads((one_process / "metrics.json").read_text())
     m2 = json.loads((out / "metrics.json").read_text())
     assert m1["top1"] == m2["top1"] and abs(m1["loss"] - m2["loss"]) < 1e-3
+
+
+@pytest.mark.parametrize("flags", [["--num-processes", "0"], ["--num-machines", "2", "--machine-rank", "2"]])
+def test_impossible_launch_settings_are_one_line_errors(data, flags):
+    proc = start("train", "--data", str(data), *flags)
+    _, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--num-processes" in lines[0], err
