@@ -18,7 +18,7 @@ help:
 	@echo "make demo       set up .venv and fine-tune on the embedded Fashion-MNIST subset"
 	@echo "make test       set up .venv and run the test suite"
 	@echo "make test-slow  also run the slow end-to-end tests"
-	@echo "make bench      training-throughput benchmark (quick mode: make bench QUICK=1)"
+	@echo "make bench      training-throughput benchmarks (quick mode: make bench QUICK=1)"
 
 install: $(STAMP)
 
@@ -42,6 +42,7 @@ test-slow: install
 
 bench: install
 	$(PY) benchmarks/train_throughput.py $(if $(QUICK),--quick,)
+	$(PY) benchmarks/train_vs_baseline.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache
