@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from finetune.checkpoint import fsync_dir, model_state_dict, safe_torch_load, save_weights, write_text
+from finetune.checkpoint import atomic_path, fsync_dir, model_state_dict, safe_torch_load, save_weights, write_text
 from finetune.errors import FinetuneError
 
 CHECKPOINTS = "checkpoints"
@@ -72,9 +72,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
+def _save_torch(obj: Any, path: Path) -> None:
+    """``torch.save`` through :func:`~finetune.checkpoint.atomic_path` (written, fsynced, renamed)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_checkpoint(run_dir: Path, accelerator, *, model: torch.nn.Module, ema: torch.nn.Module | None,
@@ -92,9 +93,7 @@ def save_checkpoint(run_dir: Path, accelerator, *, model: torch.nn.Module, ema: 
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    rank_file = tmp / f"rng-rank{accelerator.process_index}.pt"
-    torch.save({**rng_state(), "rank_state": rank_state}, rank_file)
-    _fsync_file(rank_file)
+    _save_torch({**rng_state(), "rank_state": rank_state}, tmp / f"rng-rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_weights(model_state_dict(model), tmp / "model.safetensors")
@@ -102,10 +101,7 @@ def save_checkpoint(run_dir: Path, accelerator, *, model: torch.nn.Module, ema: 
             save_weights(model_state_dict(ema), tmp / "ema.safetensors")
         trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "position": asdict(position), "world_size": accelerator.num_processes, **extra}
-        torch.save(trainer, tmp / COMPLETE)
-        for path in tmp.iterdir():
-            _fsync_file(path)
-        fsync_dir(tmp)
+        _save_torch(trainer, tmp / COMPLETE)  # every file in tmp is now fsynced, the folder too
         if final.exists():  # the same position saved twice (epoch end right after a step save)
             shutil.rmtree(final)
         os.replace(tmp, final)
