@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from finetune.autotune import (FORMATS, autotune_key, cached_memory_format, choose_memory_format,
                                 remember_memory_format)
-from finetune.checkpoint import model_state_dict, safe_torch_load, save_weights, weights_metadata, write_json, write_text
+from finetune.checkpoint import model_state_dict, save_weights, weights_metadata, write_json, write_text
 from finetune.config import Recipe
 from finetune.data import (FolderSplit, ImageDataset, Sample, build_transform, class_weights, draft_size,
                            eval_loader, is_unlabelled_folder, scan_folder, scan_unlabelled)
@@ -101,6 +101,10 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
                               gradient_accumulation_steps=recipe.optim.grad_accum)
     run_dir = check_run_dir(recipe, overwrite)
     checkpoint = resume_checkpoint(recipe, run_dir)
+    resumed = load_checkpoint(checkpoint, accelerator.process_index) if checkpoint is not None else None
+    if resumed is not None and resumed["world_size"] != accelerator.num_processes:
+        raise FinetuneError(f"checkpoint `{checkpoint}` was written by {resumed['world_size']} process(es), this "
+                            f"run has {accelerator.num_processes}; resume with the same number of processes")
     # Distillation also works on a folder of loose, unlabelled images: the KD (+ feature) terms need
     # no labels, and the teacher's predictions serve as validation labels.
     unlabelled = recipe.distill.teacher is not None and is_unlabelled_folder(data_root)
@@ -140,7 +144,8 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
     train_loader, val_loader = build_loaders(recipe, split, data_config)
     train_sampler = train_loader.sampler  # ours (EpochSampler); accelerate wraps it below
     train_images, val_images = train_loader.dataset.dataset, val_loader.dataset
-    memory_format = _memory_format(recipe, model, val_loader, accelerator, checkpoint)
+    memory_format = _memory_format(recipe, model, val_loader, accelerator,
+                                   resumed["memory_format"] if resumed is not None else None)
     meta["memory_format"] = str(memory_format).replace("torch.", "")
     model = model.to(accelerator.device, memory_format=memory_format)
     train_loader, val_loader = accelerator.prepare(train_loader, val_loader)
@@ -168,12 +173,8 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
     phases = plan_phases(recipe, stages)
     history: list[dict[str, Any]] = []
     best = (-1.0, 0.0)
-    position, resumed = Position(), None
-    if checkpoint is not None:
-        resumed = load_checkpoint(checkpoint, accelerator.process_index)
-        if resumed["world_size"] != accelerator.num_processes:
-            raise FinetuneError(f"checkpoint `{checkpoint}` was written by {resumed['world_size']} process(es), this "
-                                f"run has {accelerator.num_processes}; resume with the same number of processes")
+    position = Position()
+    if resumed is not None:
         accelerator.unwrap_model(model).load_state_dict(resumed["model"])
         if ema is not None:
             ema.module.load_state_dict(resumed["ema"])
@@ -425,14 +426,13 @@ def build_loaders(recipe: Recipe, split: FolderSplit, data_config: dict) -> tupl
 
 
 def _memory_format(recipe: Recipe, model: nn.Module, loader: DataLoader, accelerator: Accelerator,
-                   checkpoint: Path | None = None) -> torch.memory_format:
+                   resumed_format: str | None = None) -> torch.memory_format:
     """The forced format, or (``auto``) the one measured faster for this model, size and device;
     a resumed run keeps the format its checkpoint was trained in."""
     if recipe.runtime.memory_format != "auto":
         return FORMATS[recipe.runtime.memory_format]
-    if checkpoint is not None:
-        saved = safe_torch_load(checkpoint / "trainer.pt", "checkpoint")["memory_format"]
-        return FORMATS[saved]
+    if resumed_format is not None:
+        return FORMATS[resumed_format]
     with torch.random.fork_rng(devices=[]):  # iter() draws a seed: it must not shift the seeded stream
         images, labels = next(iter(loader))
     images = images.to(accelerator.device)
