@@ -51,6 +51,12 @@ def _help(text: str, **extra: Any) -> dict[str, Any]:
     return {"help": text, **extra}
 
 
+def did_you_mean(value: Any, candidates: Iterable[str]) -> str:
+    """``"did you mean `x`? "`` for the closest candidate, or ``""`` when none is close."""
+    close = difflib.get_close_matches(str(value), list(candidates), n=1)
+    return f"did you mean `{close[0]}`? " if close else ""
+
+
 class _Section:
     """Coercion and checks shared by every section (fields typed, choices enforced)."""
 
@@ -63,9 +69,8 @@ class _Section:
             value = _coerce(key, getattr(self, f.name), hints[f.name])
             choices = f.metadata.get("choices")
             if choices and value not in choices:
-                close = difflib.get_close_matches(str(value), choices, n=1)
-                hint = f"did you mean `{close[0]}`? " if close else ""
-                raise FinetuneError(f"{key}: `{value}` is not valid; {hint}choose one of {', '.join(choices)}")
+                raise FinetuneError(f"{key}: `{value}` is not valid; {did_you_mean(value, choices)}"
+                                    f"choose one of {', '.join(choices)}")
             setattr(self, f.name, value)
         self.check()
 
@@ -143,10 +148,8 @@ class AugmentConfig(_Section):
             self._at_least(name, 0.0)
         policy = self.auto_augment
         if policy not in AUTO_AUGMENT and not policy.startswith(("rand-", "augmix", "original", "v0")):
-            close = difflib.get_close_matches(policy, AUTO_AUGMENT, n=1)
-            hint = f"did you mean `{close[0]}`? " if close else ""
-            raise FinetuneError(f"augment.auto_augment: `{policy}` is not valid; {hint}choose one of "
-                                f"{', '.join(AUTO_AUGMENT)} or a timm policy string (rand-m9-mstd0.5)")
+            raise FinetuneError(f"augment.auto_augment: `{policy}` is not valid; {did_you_mean(policy, AUTO_AUGMENT)}"
+                                f"choose one of {', '.join(AUTO_AUGMENT)} or a timm policy string (rand-m9-mstd0.5)")
 
     @property
     def timm_auto_augment(self) -> str | None:

@@ -12,13 +12,12 @@ True
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from finetune.config import Recipe
+from finetune.config import Recipe, did_you_mean
 from finetune.errors import FinetuneError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "recipes"
@@ -62,9 +61,7 @@ def find_recipe(ref: str | os.PathLike) -> Path:
                 return candidate
     if path.is_dir():
         raise FinetuneError(f"`{path}` is a folder, not a recipe; to train on it use --data {path}")
-    names = [entry.name for entry in list_recipes()]
-    close = difflib.get_close_matches(str(ref), names, n=1)
-    hint = f"did you mean `{close[0]}`? " if close else ""
+    hint = did_you_mean(ref, [entry.name for entry in list_recipes()])
     raise FinetuneError(f"no recipe named `{ref}`; {hint}see `finetune recipes` for the shipped ones, "
                         "or pass a path to a .yaml file")
 
