@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from finetune.checkpoint import save_weights
 from finetune.data import ImageDataset
@@ -140,7 +140,7 @@ class FeatureCache:
     def _compute(self, dataset: Dataset, keys: list[int]) -> torch.Tensor:
         was_training = self.model.training
         self.model.eval()
-        loader = DataLoader(_Subset(dataset, keys), batch_size=max(self.batch_size, 64), shuffle=False)
+        loader = DataLoader(Subset(dataset, keys), batch_size=max(self.batch_size, 64), shuffle=False)
         chunks = []
         for images, _ in loader:
             images = images.to(self.device).contiguous(memory_format=self.memory_format)
@@ -161,17 +161,6 @@ class FeatureCache:
     def val_loader(self, batch_size: int) -> DataLoader:
         labels = torch.tensor(self.val.labels)
         return DataLoader(_Keyed(self.val_features(), labels), batch_size=batch_size, shuffle=False)
-
-
-class _Subset(Dataset):
-    def __init__(self, dataset: Dataset, keys: list[int]) -> None:
-        self.dataset, self.keys = dataset, keys
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, i: int):
-        return self.dataset[self.keys[i]]
 
 
 def _classifier_prefix(model: nn.Module) -> str:
