@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 from torch import nn
+
+
+def start_finetune(*args: str, **popen_kwargs) -> subprocess.Popen:
+    """``python -m finetune.cli ARGS`` in a real subprocess (one thread, output captured as text)."""
+    return subprocess.Popen([sys.executable, "-m", "finetune.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            **popen_kwargs)
+
+
+def run_finetune(*args: str, timeout: float = 300, **popen_kwargs) -> subprocess.CompletedProcess:
+    """:func:`start_finetune` and wait for it."""
+    proc = start_finetune(*args, **popen_kwargs)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

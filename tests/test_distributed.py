@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,22 +18,20 @@ from safetensors.torch import load_file
 from finetune.demo_data import write_demo_folder
 from finetune.launch import free_port
 from finetune.resume import find_checkpoint, load_checkpoint
+from helpers import run_finetune, start_finetune
 
 COMMON = ["--model", "mobilenetv2_100", "--weights", "offline", "--epochs", "2", "--img-size", "32",
           "--memory-format", "contiguous", "--no-progress"]
 
 
-def start(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "finetune.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            start_new_session=True, **kwargs)
+def start(*args: str) -> subprocess.Popen:
+    return start_finetune(*args, start_new_session=True)  # its own group: a test can kill the whole job
 
 
 def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = start(*args)
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err[-3000:]
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    result = run_finetune(*args, timeout=timeout, start_new_session=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def world_size(run_dir: Path) -> int:

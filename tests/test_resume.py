@@ -12,7 +12,6 @@ import pickle
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from safetensors.torch import load_file
 
 from finetune.demo_data import write_demo_folder
 from finetune.resume import find_checkpoint, load_checkpoint
+from helpers import run_finetune, start_finetune
 
 EPOCHS, BATCHES = 2, 5  # 160 training images, batch 32: 10 optimizer updates in all
 TRAIN = ["--model", "mobilenetv2_100", "--weights", "offline", "--epochs", str(EPOCHS), "--img-size", "32",
@@ -29,16 +29,7 @@ TRAIN = ["--model", "mobilenetv2_100", "--weights", "offline", "--epochs", str(E
 TIMING = ("epoch_seconds", "train_images_per_s")
 
 
-def finetune(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "finetune.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                            **kwargs)
-
-
-def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = finetune(*args)
-    out, err = proc.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+finetune, run = start_finetune, run_finetune
 
 
 @pytest.fixture(scope="module")
