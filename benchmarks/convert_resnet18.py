@@ -57,9 +57,9 @@ sys.path.insert(0, str(REPO / "tools"))
 import build_demo_dataset as fmnist  # noqa: E402  (tools/ script: the one Fashion-MNIST IDX reader)
 
 from finetune import Recipe, evaluate, fit, load_model  # noqa: E402
-from finetune.conversion import convert_run  # noqa: E402
+from finetune.tasks.convert import convert_run  # noqa: E402
 from finetune.convert.latency import time_modules  # noqa: E402
-from finetune.demo_data import DEMO_CLASSES, load_demo_arrays  # noqa: E402
+from finetune.data.demo import DEMO_CLASSES, load_demo_arrays  # noqa: E402
 
 DEBIAN_DIR = fmnist.DEFAULT_SOURCE_DIR
 SPLITS = ("train", "val", "test")

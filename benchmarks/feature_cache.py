@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from finetune import Recipe, fit
-from finetune.demo_data import write_demo_folder
+from finetune.data.demo import write_demo_folder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from finetune.demo_data import write_demo_folder
+from finetune.data.demo import write_demo_folder
 from finetune.errors import FinetuneError
-from finetune.recipes import list_recipes, load_recipe
-from finetune.train import fit
+from finetune.config.lookup import list_recipes, load_recipe
+from finetune.train.trainer import fit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -5,11 +5,11 @@ torchvision ``ImageFolder`` + ``timm.data.create_transform(**resolve_data_config
 ``DataLoader(shuffle=True)``, ``Accelerator(cpu=True)``, one ``prepare``, AdamW at lr/25 with
 ``OneCycleLR(max_lr=lr)`` stepped per batch, cross-entropy, ``accelerator.backward``, NCHW fp32,
 every parameter trained; after each epoch an eval pass with ``gather_for_metrics``. The other
-side is the real ``finetune.train.fit`` (what ``finetune train`` runs) with its defaults except
+side is the real ``finetune.train.trainer.fit`` (what ``finetune train`` runs) with its defaults except
 ``strategy=full`` (so every epoch trains the whole network, as the baseline does). Both start
-from the same offline weights (``finetune.models.load_model(weights="offline")``), use the same
+from the same offline weights (``finetune.models.factory.load_model(weights="offline")``), use the same
 image folder, batch size, input size, learning rate, epochs, DataLoader workers
-(``finetune.train.default_num_workers()``) and ``torch.set_num_threads(--threads)``.
+(``finetune.train.trainer.default_num_workers()``) and ``torch.set_num_threads(--threads)``.
 
 Throughput: images/s of the training loop only (validation excluded), over the epochs after the
 first (warm-up); for ``finetune`` from ``RUN/log.csv`` ``train_images_per_s``. The two loops
@@ -56,9 +56,9 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from torchvision.datasets import ImageFolder
 
 from finetune import Recipe
-from finetune.demo_data import write_demo_folder
-from finetune.models import load_model
-from finetune.train import default_num_workers, fit
+from finetune.data.demo import write_demo_folder
+from finetune.models.factory import load_model
+from finetune.train.trainer import default_num_workers, fit
 
 MODELS = ("tf_efficientnet_lite0", "mobilenetv2_100")
 BAR_SIZES = (128, 224)  # the bar: finetune >= BAR x baseline at these sizes, both models

@@ -13,14 +13,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from finetune.version import __version__
 
 _EXPORTS = {
-    "Recipe": "finetune.config",
-    "load_recipe": "finetune.recipes",
-    "list_recipes": "finetune.recipes",
-    "lr_find": "finetune.lr_finder",
-    "write_demo_folder": "finetune.demo_data",
+    "Recipe": "finetune.config.recipe",
+    "load_recipe": "finetune.config.lookup",
+    "list_recipes": "finetune.config.lookup",
+    "lr_find": "finetune.train.lr_find",
+    "write_demo_folder": "finetune.data.demo",
     "export_run": "finetune.export",
     "apply_lora": "finetune.adapters",
     "merge_lora": "finetune.adapters",
@@ -28,14 +28,14 @@ _EXPORTS = {
     "evaluate": "finetune.inference",
     "predict": "finetune.inference",
     "Prediction": "finetune.inference",
-    "load_model": "finetune.models",
-    "save_run": "finetune.models",
-    "fit": "finetune.train",
+    "load_model": "finetune.models.factory",
+    "save_run": "finetune.models.factory",
+    "fit": "finetune.train.trainer",
     "convert_to_separable": "finetune.convert",
     "apply_plan": "finetune.convert",
     "reestimate_batchnorm": "finetune.convert",
     "ConversionReport": "finetune.convert",
-    "FitResult": "finetune.train",
+    "FitResult": "finetune.train.trainer",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -15,8 +15,8 @@ import os
 import sys
 from typing import Sequence
 
-from finetune import __version__
-from finetune.config import SHORT_KEYS, Recipe, base_type, field_specs
+from finetune.version import __version__
+from finetune.config.recipe import SHORT_KEYS, Recipe, base_type, field_specs
 from finetune.errors import FinetuneError
 
 EPILOG_TRAIN = """examples:
@@ -53,7 +53,7 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
 
 def _recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The one path from the command line to a Recipe: recipe file/name, then flags, then --set."""
-    from finetune.recipes import find_recipe
+    from finetune.config.lookup import find_recipe
 
     flags = [f"{SHORT_KEYS[short]}={value}" for short in SHORT_KEYS
              if (value := getattr(args, short, None)) is not None]
@@ -99,18 +99,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise FinetuneError(f"--num-processes {args.num_processes} --num-machines {args.num_machines} --machine-rank "
                             f"{args.machine_rank}: need at least 1 process and 1 machine, and 0 <= rank < machines")
     if (args.num_processes > 1 or args.num_machines > 1) and "WORLD_SIZE" not in os.environ:
-        from finetune.launch import launch
+        from finetune.train.launch import launch
 
         return launch(_without_launch_flags(args.argv), args.num_processes, args.num_machines, args.machine_rank,
                       args.main_process_ip, args.main_process_port)
-    from finetune.train import fit
+    from finetune.train.trainer import fit
 
     fit(recipe, progress=not args.no_progress, overwrite=args.overwrite)
     return 0
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from finetune.recipes import list_recipes
+    from finetune.config.lookup import list_recipes
 
     if args.keys:
         for key, spec in field_specs().items():
@@ -130,7 +130,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
     recipe = _recipe_from_args(args)
-    from finetune.lr_finder import lr_find
+    from finetune.train.lr_find import lr_find
 
     result = lr_find(recipe, out=args.plot, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr)
     print(f"suggested learning rate: {result.suggestion:.2e} (steepest descent of the smoothed loss; "
@@ -195,8 +195,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     import textwrap
 
-    from finetune.models import family_models
-    from finetune.weights import OFFLINE_MODELS, network_available, offline_weights_file, weight_sources
+    from finetune.models.factory import family_models
+    from finetune.models.weights import OFFLINE_MODELS, network_available, offline_weights_file, weight_sources
 
     if args.prepare:
         for name in OFFLINE_MODELS:
@@ -262,7 +262,7 @@ def _classes_arg(text: str) -> list[str]:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from finetune.conversion import convert_run, format_summary
+    from finetune.tasks.convert import convert_run, format_summary
 
     result = convert_run(
         args.source, args.out, rank=args.rank, energy=args.energy, macs=args.macs, form=args.form,
@@ -288,7 +288,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from finetune.compare import compare, format_rows
+    from finetune.tasks.compare import compare, format_rows
 
     rows = compare(args.data, model=args.model, rank=args.rank, epochs=args.epochs, img_size=args.img_size,
                    out=args.out, test_data=args.test_data, lr=args.lr, batch_size=args.batch_size,
@@ -299,7 +299,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from finetune.demo import run_demo
+    from finetune.tasks.demo import run_demo
 
     run_demo(args.out, quick=args.quick, progress=not args.no_progress)
     return 0

@@ -50,11 +50,11 @@ import timm
 import torch
 from PIL import Image
 
-from finetune import __version__
-from finetune.checkpoint import atomic_path, write_json
-from finetune.data import build_transform, draft_size, list_images, load_rgb, to_rgb
+from finetune.version import __version__
+from finetune.io import atomic_path, write_json
+from finetune.data.folder import build_transform, draft_size, list_images, load_rgb, to_rgb
 from finetune.errors import FinetuneError
-from finetune.models import load_model, read_run_meta
+from finetune.models.factory import load_model, read_run_meta
 
 __all__ = [
     "DEFAULT_TOLERANCE",
@@ -187,7 +187,7 @@ def describe_preprocessing(data_config: dict[str, Any]) -> dict[str, Any]:
         "dtype": "float32",
         "channel_order": "RGB",
         "decode": "8-bit RGB with EXIF orientation applied; greyscale replicated to 3 channels; transparency "
-                  "composited on white (finetune.data.load_rgb)",
+                  "composited on white (finetune.data.folder.load_rgb)",
         **geometry,
         "scale": {"divide_by": 255.0, "rule": "x = pixel / 255 as float32, giving [0, 1]"},
         "normalize": {"mean": mean, "std": std, "rule": "x[c] = (x[c] - mean[c]) / std[c], channels in RGB order"},
@@ -260,7 +260,7 @@ def _check_images(images: str | os.PathLike | Sequence[str | os.PathLike] | None
     """``(N, 3, H, W)``: up to ``limit`` real images through the run's eval transform."""
     transform = build_transform(data_config, train=False)
     if images is None:
-        from finetune.demo_data import load_demo_arrays
+        from finetune.data.demo import load_demo_arrays
 
         pixels = load_demo_arrays()["val_images"][:limit]  # Fashion-MNIST, rows already shuffled per class
         return torch.stack([transform(to_rgb(Image.fromarray(np.ascontiguousarray(p)))) for p in pixels])
@@ -275,7 +275,7 @@ def _check_images(images: str | os.PathLike | Sequence[str | os.PathLike] | None
 
 def _images_source(images: str | os.PathLike | Sequence[str | os.PathLike] | None) -> str:
     if images is None:
-        return "built-in Fashion-MNIST demo images (finetune.demo_data, val split)"
+        return "built-in Fashion-MNIST demo images (finetune.data.demo, val split)"
     if isinstance(images, (str, os.PathLike)):
         return str(images)
     return f"{len(images)} given paths"

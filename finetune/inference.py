@@ -17,11 +17,11 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from finetune.checkpoint import write_json, write_text
-from finetune.data import eval_loader, list_images, scan_labelled, write_skipped
+from finetune.io import write_json, write_text
+from finetune.data.folder import eval_loader, list_images, scan_labelled, write_skipped
 from finetune.errors import FinetuneError
 from finetune.metrics import classification_metrics, plot_confusion
-from finetune.models import load_model, read_run_meta
+from finetune.models.factory import load_model, read_run_meta
 
 
 @dataclass

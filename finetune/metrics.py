@@ -5,7 +5,7 @@ bfloat16 logits are upcast to float32 before computing) and returns plain Python
 numbers, so results can go straight into ``metrics.json``. Plots use
 ``matplotlib.figure.Figure`` with the Agg canvas directly, so the global pyplot
 state and backend of the caller are never touched, and every file is written
-atomically through :func:`finetune.checkpoint.atomic_path`.
+atomically through :func:`finetune.io.atomic_path`.
 
 Bad input (empty tensors, labels out of range, mismatched shapes) raises
 ``ValueError`` with a message that says what was wrong.
@@ -33,7 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from finetune.checkpoint import atomic_path
+from finetune.io import atomic_path
 
 __all__ = [
     "topk_accuracy",

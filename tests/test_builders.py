@@ -22,8 +22,8 @@ from torch import nn
 
 import builder_nets
 import finetune
-import finetune.builders as builders_module
-from finetune.builders import build_model, builder_ref, is_builder_ref, parse_builder_ref, resolve_builder
+import finetune.models.builders as builders_module
+from finetune.models.builders import build_model, builder_ref, is_builder_ref, parse_builder_ref, resolve_builder
 from finetune.errors import FinetuneError
 from helpers import randomize_bn
 

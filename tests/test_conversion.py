@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from finetune import Recipe, evaluate, fit, load_model, predict
-from finetune.conversion import convert_run
+from finetune.tasks.convert import convert_run
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_latency_objective_keeps_no_slower_layer(resnet_run, tmp_path):
 
 def test_compare_standard_vs_separable_twin(digits_folder, messy_folder, tmp_path, monkeypatch):
     """`finetune compare`: both trained from scratch, evaluated on held-out images, side by side."""
-    from finetune.compare import compare, format_rows
+    from finetune.tasks.compare import compare, format_rows
     from finetune.convert import SeparableConv2d
 
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))

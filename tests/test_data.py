@@ -1,4 +1,4 @@
-"""Tests for finetune.data: scanning, splitting, loading, transforms, weights."""
+"""Tests for finetune.data.folder: scanning, splitting, loading, transforms, weights."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageFile
 
 from finetune import data
-from finetune.data import (
+from finetune.data.folder import (
     BadImageWarning,
     ImageDataset,
     Sample,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from finetune.demo import run_demo
+from finetune.tasks.demo import run_demo
 
 
 @pytest.fixture(autouse=True)

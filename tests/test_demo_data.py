@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import finetune.demo_data as demo_data
-from finetune.demo_data import DEMO_CLASSES, load_demo_arrays, write_demo_folder
+import finetune.data.demo as demo_data
+from finetune.data.demo import DEMO_CLASSES, load_demo_arrays, write_demo_folder
 from finetune.errors import FinetuneError
 
 REPO = Path(__file__).resolve().parents[1]

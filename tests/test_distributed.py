@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.demo_data import write_demo_folder
-from finetune.launch import free_port
-from finetune.resume import find_checkpoint, load_checkpoint
+from finetune.data.demo import write_demo_folder
+from finetune.train.launch import free_port
+from finetune.train.checkpoints import find_checkpoint, load_checkpoint
 from helpers import run_finetune, start_finetune
 
 COMMON = ["--model", "mobilenetv2_100", "--weights", "offline", "--epochs", "2", "--img-size", "32",

@@ -17,12 +17,12 @@ import timm
 import torch
 from PIL import Image
 
-from finetune.checkpoint import model_state_dict, read_json, save_weights, write_json
-from finetune.data import build_transform
-from finetune.demo_data import load_demo_arrays, write_demo_folder
+from finetune.io import model_state_dict, read_json, save_weights, write_json
+from finetune.data.folder import build_transform
+from finetune.data.demo import load_demo_arrays, write_demo_folder
 from finetune.errors import FinetuneError
 from finetune.export import ROUNDING_FACTOR, describe_preprocessing, export_run
-from finetune.models import RUN_FORMAT, RUN_META, RUN_WEIGHTS, load_model, resolve_data_config
+from finetune.models.factory import RUN_FORMAT, RUN_META, RUN_WEIGHTS, load_model, resolve_data_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,8 +11,8 @@ import timm
 import torch
 
 from finetune import Recipe, fit
-from finetune.data import ImageDataset, build_transform, scan_folder
-from finetune.features import FeatureCache, HeadOnly, cache_unusable_reason
+from finetune.data.folder import ImageDataset, build_transform, scan_folder
+from finetune.train.features import FeatureCache, HeadOnly, cache_unusable_reason
 
 TINY = dict(model="mobilenetv2_100", weights="offline", img_size=32, batch_size=32, seed=0,
             memory_format="contiguous", strategy="probe")

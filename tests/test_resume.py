@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.demo_data import write_demo_folder
-from finetune.resume import find_checkpoint, load_checkpoint
+from finetune.data.demo import write_demo_folder
+from finetune.train.checkpoints import find_checkpoint, load_checkpoint
 from helpers import run_finetune, start_finetune
 
 EPOCHS, BATCHES = 2, 5  # 160 training images, batch 32: 10 optimizer updates in all

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from finetune import Recipe, evaluate, fit, load_model, predict
-from finetune.models import RUN_WEIGHTS
-from finetune.optim import plan_phases
+from finetune.models.factory import RUN_WEIGHTS
+from finetune.train.optim import plan_phases
 
 ARCH = "tf_efficientnet_lite0"
 

@@ -1,4 +1,4 @@
-"""Tests for finetune.weights: offline registry weights, local files, hub fallbacks."""
+"""Tests for finetune.models.weights: offline registry weights, local files, hub fallbacks."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import timm
 import torch
 from PIL import Image
 
-from finetune import weights
+from finetune.models import weights
 from finetune.errors import FinetuneError
 
 TINY = "test_efficientnet"  # timm's test model: 0.4M params, for file round trips

@@ -63,7 +63,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.demo_data import DEMO_CLASSES
+from finetune.data.demo import DEMO_CLASSES
 
 DEFAULT_SOURCE_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist
 DEFAULT_OUT = Path("finetune/assets/fashion_mnist_demo.npz")

@@ -38,7 +38,7 @@ import torch
 from huggingface_hub import constants as hf_constants
 from torch import nn
 
-from finetune.checkpoint import atomic_path, safe_torch_load
+from finetune.io import atomic_path, safe_torch_load
 from finetune.errors import FinetuneError
 
 __all__ = [

@@ -41,7 +41,7 @@ import timm.data
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from finetune.checkpoint import write_text
+from finetune.io import write_text
 from finetune.errors import FinetuneError
 
 __all__ = [

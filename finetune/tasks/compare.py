@@ -6,7 +6,7 @@ printed side by side. The twin is the same timm architecture with every dense k�
 replaced by a depthwise k×k + 1×1 pair of the given rank (built by the converter from the
 random-init dense kernels, so both start from comparable weight scales).
 
->>> from finetune.compare import compare                                       # doctest: +SKIP
+>>> from finetune.tasks.compare import compare                                       # doctest: +SKIP
 >>> rows = compare("~/photos", model="resnet18", rank=1, epochs=5, out="runs/compare")  # doctest: +SKIP
 """
 
@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from finetune.checkpoint import write_json
-from finetune.config import Recipe
-from finetune.conversion import convert_run
+from finetune.io import write_json
+from finetune.config.recipe import Recipe
+from finetune.tasks.convert import convert_run
 from finetune.convert import count_macs
 from finetune.convert.latency import measure_latency
 from finetune.inference import evaluate
-from finetune.models import load_model
-from finetune.train import fit
+from finetune.models.factory import load_model
+from finetune.train.trainer import fit
 
 
 def compare(
@@ -82,8 +82,8 @@ def compare(
 
 def _copy_classes(source_run: Path, target_run: Path) -> None:
     """The twin's run directory gets the dense run's class names (the data folder's)."""
-    from finetune.checkpoint import read_json
-    from finetune.models import RUN_META
+    from finetune.io import read_json
+    from finetune.models.factory import RUN_META
 
     meta = read_json(target_run / RUN_META)
     meta["classes"] = read_json(source_run / RUN_META)["classes"]

@@ -14,7 +14,7 @@ Several machines: run the same command on each with ``--num-machines M --machine
 If any process fails, the others are stopped and the launcher exits with the failing code; the
 last complete checkpoint stays resumable (``--resume``).
 
->>> from finetune.launch import worker_env
+>>> from finetune.train.launch import worker_env
 >>> env = worker_env(local_rank=1, nproc=2, machine_rank=1, num_machines=2, ip="127.0.0.1", port=29500)
 >>> env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]
 ('3', '4', '1')

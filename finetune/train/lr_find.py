@@ -25,14 +25,14 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from finetune.checkpoint import atomic_path
-from finetune.config import Recipe
-from finetune.data import scan_folder
+from finetune.io import atomic_path
+from finetune.config.recipe import Recipe
+from finetune.data.folder import scan_folder
 from finetune.errors import FinetuneError
-from finetune.loop import freeze_bn_stats
-from finetune.models import read_run_meta
-from finetune.optim import body_stage_ids, build_optimizer, plan_phases, set_trainable
-from finetune.train import build_loaders, build_loss, build_model_for
+from finetune.train.loop import freeze_bn_stats
+from finetune.models.factory import read_run_meta
+from finetune.train.optim import body_stage_ids, build_optimizer, plan_phases, set_trainable
+from finetune.train.trainer import build_loaders, build_loss, build_model_for
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The run directory of ``fit``: where it goes, what ``model.json`` records, ``log.csv``.
 
-Only the main process writes; every write is atomic (:mod:`finetune.checkpoint`).
+Only the main process writes; every write is atomic (:mod:`finetune.io`).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from finetune import __version__
-from finetune.checkpoint import write_text
-from finetune.config import Recipe
-from finetune.data import FolderSplit, write_skipped
+from finetune.version import __version__
+from finetune.io import write_text
+from finetune.config.recipe import Recipe
+from finetune.data.folder import FolderSplit, write_skipped
 from finetune.errors import FinetuneError
-from finetune.models import RUN_FORMAT
+from finetune.models.factory import RUN_FORMAT
 
 LOG_COLUMNS = (
     "epoch", "phase", "lr_head", "lr_body", "train_loss", "train_top1",
@@ -72,7 +72,7 @@ def recipe_for_disk(recipe: Recipe, run_dir: Path) -> Recipe:
 
 def resume_checkpoint(recipe: Recipe, run_dir: Path) -> Path | None:
     """The checkpoint to resume from (``runtime.resume``), after checking the run is the same run."""
-    from finetune.resume import find_checkpoint
+    from finetune.train.checkpoints import find_checkpoint
 
     if recipe.runtime.resume is None:
         return None

@@ -6,12 +6,12 @@ re-estimates BatchNorm statistics on calibration images, measures teacher vs stu
 writes a run directory that ``finetune eval``/``predict`` and :func:`finetune.load_model` accept
 (the plan is stored in ``model.json``, so reloading repeats no SVD).
 
->>> from finetune.conversion import convert_run                                   # doctest: +SKIP
+>>> from finetune.tasks.convert import convert_run                                   # doctest: +SKIP
 >>> result = convert_run("runs/photos", "runs/photos-sep", macs=0.4, calib_data="~/photos")  # doctest: +SKIP
 >>> result = convert_run("torchvision.models:resnet18", "runs/r18-sep", macs=0.4,         # doctest: +SKIP
 ...                      builder_kwargs={"num_classes": 10}, weights="r18.safetensors", classes=["cat", "dog", ...])
 
-A source that is a builder ref (``package.module:callable``, see :mod:`finetune.builders`) is built
+A source that is a builder ref (``package.module:callable``, see :mod:`finetune.models.builders`) is built
 with ``builder_kwargs``, gets its dense weights from ``weights`` (a ``.safetensors``/``.pth`` state
 dict; ``auto``/``none`` keep what the builder returns), and the converted run records the ref, so
 ``finetune eval``/``predict`` rebuild it the same way.
@@ -30,13 +30,13 @@ import timm
 import torch
 from torch.utils.data import DataLoader
 
-from finetune.builders import build_model, check_builder_kwargs, is_builder_ref, load_weights_into
-from finetune.checkpoint import model_state_dict, write_json
+from finetune.models.builders import build_model, check_builder_kwargs, is_builder_ref, load_weights_into
+from finetune.io import model_state_dict, write_json
 from finetune.convert import convert_to_separable, layer_output_errors, reestimate_batchnorm, refit_pointwise
 from finetune.convert.latency import compare_latency
-from finetune.data import eval_loader, list_images
+from finetune.data.folder import eval_loader, list_images
 from finetune.errors import FinetuneError
-from finetune.models import default_data_config, is_run_dir, load_model, make_run_meta, read_run_meta, write_run
+from finetune.models.factory import default_data_config, is_run_dir, load_model, make_run_meta, read_run_meta, write_run
 
 
 def _class_names(n: int, classes: Sequence[str] | None, source: str) -> list[str]:

@@ -13,7 +13,7 @@ rename is atomic on POSIX) and only then named in ``checkpoints/latest``; older 
 deleted after that, keeping the newest ``keep``. A kill at any instant therefore leaves either
 the previous checkpoint or the new one complete and named, never a half-written one.
 
->>> from finetune.resume import find_checkpoint                  # doctest: +SKIP
+>>> from finetune.train.checkpoints import find_checkpoint                  # doctest: +SKIP
 >>> find_checkpoint("runs/photos")                             # doctest: +SKIP
 PosixPath('runs/photos/checkpoints/step-00000120')
 """
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from finetune.checkpoint import atomic_path, fsync_dir, model_state_dict, safe_torch_load, save_weights, write_text
+from finetune.io import atomic_path, fsync_dir, model_state_dict, safe_torch_load, save_weights, write_text
 from finetune.errors import FinetuneError
 
 CHECKPOINTS = "checkpoints"
@@ -73,7 +73,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _save_torch(obj: Any, path: Path) -> None:
-    """``torch.save`` through :func:`~finetune.checkpoint.atomic_path` (written, fsynced, renamed)."""
+    """``torch.save`` through :func:`~finetune.io.atomic_path` (written, fsynced, renamed)."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 

@@ -3,7 +3,7 @@
 The dataset ships inside the package (``finetune/assets``) and is written out as a real folder
 of PNG files, then trained through exactly the code path of ``finetune train --data DIR``.
 
->>> from finetune.demo import run_demo
+>>> from finetune.tasks.demo import run_demo
 >>> summary = run_demo("runs/demo", quick=True)   # doctest: +SKIP
 >>> summary["pretrained_val_acc"] > summary["scratch_val_acc"]   # doctest: +SKIP
 True
@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune.checkpoint import write_json
-from finetune.config import Recipe
-from finetune.demo_data import write_demo_folder
-from finetune.train import fit
+from finetune.io import write_json
+from finetune.config.recipe import Recipe
+from finetune.data.demo import write_demo_folder
+from finetune.train.trainer import fit
 
 #: The demo's training settings: one budget, shared by the pretrained and the scratch run.
 DEMO_SETTINGS: dict[str, Any] = dict(model="tf_efficientnet_lite0", epochs=6, head_epochs=1, img_size=96,

@@ -1,6 +1,6 @@
 """One training epoch and one prediction pass, written the way accelerate's ``cv_example.py`` is.
 
-These are the inner loops of :func:`finetune.train.fit`; they know nothing about recipes.
+These are the inner loops of :func:`finetune.train.trainer.fit`; they know nothing about recipes.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Build timm models with the right weights and data config, and reload (or write) run directories.
 
->>> from finetune.models import load_model
+>>> from finetune.models.factory import load_model
 >>> model, data_config = load_model("tf_efficientnet_lite0", weights="offline", num_classes=10)
 >>> data_config["mean"], model.num_classes
 ((0.5, 0.5, 0.5), 10)
@@ -8,7 +8,7 @@
 A run directory holds ``model.safetensors`` and ``model.json``. The architecture comes from a
 timm name (``architecture``) or, for any other ``nn.Module`` (torchvision, your own), from a
 builder ref ``"package.module:callable"`` plus JSON kwargs (``builder``, ``builder_kwargs``; see
-:mod:`finetune.builders`); a converted model adds its ``separable_plan``. :func:`save_run`
+:mod:`finetune.models.builders`); a converted model adds its ``separable_plan``. :func:`save_run`
 writes one from Python, :func:`load_model` reads any of them back (no SVD is repeated).
 """
 
@@ -24,10 +24,10 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from finetune.builders import build_model, builder_ref, check_builder_kwargs, is_builder_ref
-from finetune.checkpoint import model_state_dict, read_json, save_weights, weights_metadata, write_json
+from finetune.models.builders import build_model, builder_ref, check_builder_kwargs, is_builder_ref
+from finetune.io import model_state_dict, read_json, save_weights, weights_metadata, write_json
 from finetune.errors import FinetuneError
-from finetune.weights import OFFLINE_MODELS, check_model_name, resolve_weights  # noqa: F401 (re-export)
+from finetune.models.weights import OFFLINE_MODELS, check_model_name, resolve_weights  # noqa: F401 (re-export)
 
 #: The families this toolkit is built and tested for (any timm CNN loads, though).
 FAMILY_PATTERNS = ("mobilenet*", "efficientnet*", "tf_efficientnet*")
@@ -246,7 +246,7 @@ def make_run_meta(*, architecture: str, classes: Sequence[str], data_config: Map
                   separable_plan: Sequence[Mapping[str, Any]] | None = None, weights_source: str | None = None,
                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``model.json`` of a finished run (``extra`` adds keys, never replaces these)."""
-    from finetune import __version__
+    from finetune.version import __version__
 
     meta: dict[str, Any] = {
         "format": RUN_FORMAT,
@@ -347,7 +347,7 @@ def save_run(
         classes: the class names, one per output logit (or their count: ``class_0``, ...).
         builder: for a model that is not a timm model, how to build it again: a ref
             ``"package.module:callable"`` or the function/class itself (defined in an importable
-            module, not ``__main__``); see :mod:`finetune.builders`. It is called again at load
+            module, not ``__main__``); see :mod:`finetune.models.builders`. It is called again at load
             time, so give kwargs that build the architecture without downloading weights.
         builder_kwargs: JSON-able keyword arguments for the builder (e.g. ``{"num_classes": 10}``).
         architecture: timm name, when ``builder`` is not given (default: the timm model's own).

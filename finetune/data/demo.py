@@ -20,7 +20,7 @@ True
 (30, 10)
 
 Only numpy, Pillow and the standard library are used, so the data can be
-materialised without torch.  Run ``python -m finetune.demo_data DIR`` to write
+materialised without torch.  Run ``python -m finetune.data.demo DIR`` to write
 the folder from the command line.
 """
 
@@ -237,8 +237,8 @@ def write_demo_folder(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m finetune.demo_data DIR [--train-per-class N] [--val-per-class N]``."""
-    parser = argparse.ArgumentParser(prog="python -m finetune.demo_data", description=write_demo_folder.__doc__.split("\n\n")[0])
+    """``python -m finetune.data.demo DIR [--train-per-class N] [--val-per-class N]``."""
+    parser = argparse.ArgumentParser(prog="python -m finetune.data.demo", description=write_demo_folder.__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="folder to write (train/ and val/ inside)")
     parser.add_argument("--train-per-class", type=int, default=None, help="first N train images per class (default: all 300)")
     parser.add_argument("--val-per-class", type=int, default=None, help="first N val images per class (default: all 100)")

@@ -1,4 +1,4 @@
-"""``fit()``: one run from a :class:`~finetune.config.Recipe`, driven by accelerate.
+"""``fit()``: one run from a :class:`~finetune.config.recipe.Recipe`, driven by accelerate.
 
 The loop follows accelerate's ``examples/cv_example.py``: one ``prepare``, ``backward``,
 ``gather_for_metrics``, printing on the main process only. The same code runs on a CPU, one
@@ -31,24 +31,24 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 
-from finetune.autotune import (FORMATS, autotune_key, cached_memory_format, choose_memory_format,
+from finetune.train.autotune import (FORMATS, autotune_key, cached_memory_format, choose_memory_format,
                                 remember_memory_format)
-from finetune.checkpoint import model_state_dict, save_weights, weights_metadata, write_json, write_text
-from finetune.config import Recipe
-from finetune.data import (FolderSplit, ImageDataset, Sample, build_transform, class_weights, draft_size,
+from finetune.io import model_state_dict, save_weights, weights_metadata, write_json, write_text
+from finetune.config.recipe import Recipe
+from finetune.data.folder import (FolderSplit, ImageDataset, Sample, build_transform, class_weights, draft_size,
                            eval_loader, is_unlabelled_folder, scan_folder, scan_unlabelled)
 from finetune.distill import DistillationLoss, feature_layers_from_plan
 from finetune.errors import FinetuneError
-from finetune.features import FeatureCache, HeadOnly, cache_unusable_reason
-from finetune.loop import predict, train_epoch
+from finetune.train.features import FeatureCache, HeadOnly, cache_unusable_reason
+from finetune.train.loop import predict, train_epoch
 from finetune.metrics import classification_metrics, plot_confusion, plot_curves
-from finetune.models import RUN_META, RUN_WEIGHTS, check_model_name, load_model, read_run_meta
-from finetune.optim import body_stage_ids, build_optimizer, build_scheduler, plan_phases, set_trainable
-from finetune.resume import Position, load_checkpoint, save_checkpoint, set_rng_state
-from finetune.rundir import (check_run_dir, check_same_classes, create_run_dir, model_meta, recipe_for_disk,
+from finetune.models.factory import RUN_META, RUN_WEIGHTS, check_model_name, load_model, read_run_meta
+from finetune.train.optim import body_stage_ids, build_optimizer, build_scheduler, plan_phases, set_trainable
+from finetune.train.checkpoints import Position, load_checkpoint, save_checkpoint, set_rng_state
+from finetune.train.run_dir import (check_run_dir, check_same_classes, create_run_dir, model_meta, recipe_for_disk,
                              report_split, resume_checkpoint, write_log)
-from finetune.sampling import EpochSampler, SeededAugmentation
-from finetune.weights import resolve_weights
+from finetune.data.sampling import EpochSampler, SeededAugmentation
+from finetune.models.weights import resolve_weights
 
 
 @dataclass
@@ -80,7 +80,7 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
     ``skipped.txt`` when images were skipped and, with LoRA, ``adapter/`` in peft's format.
     """
     if recipe.task == "convert":
-        from finetune.pipeline import convert_pipeline  # train teacher → convert → distill
+        from finetune.tasks.pipeline import convert_pipeline  # train teacher → convert → distill
 
         return convert_pipeline(recipe, progress=progress, overwrite=overwrite)
     started = time.perf_counter()
@@ -417,7 +417,7 @@ def build_loaders(recipe: Recipe, split: FolderSplit, data_config: dict) -> tupl
                   pin_memory=torch.cuda.is_available())
     draft = draft_size(data_config)
     # drop only a last batch of one image: BatchNorm in train mode cannot normalise a single sample
-    # order and augmentation are functions of (seed, epoch, index): see finetune.sampling
+    # order and augmentation are functions of (seed, epoch, index): see finetune.data.sampling
     train_set = SeededAugmentation(ImageDataset(split.train, train_tf, draft_size=draft), recipe.runtime.seed)
     train = DataLoader(train_set, sampler=EpochSampler(len(train_set), recipe.runtime.seed),
                        drop_last=len(split.train) % batch_size == 1, **common)

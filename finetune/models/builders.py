@@ -20,7 +20,7 @@ outright, since no model builder lives there; that is a tripwire, not a sandbox.
 
 >>> ref = builder_ref(build_model)                       # any importable function
 >>> ref
-'finetune.builders:build_model'
+'finetune.models.builders:build_model'
 >>> resolve_builder(ref) is build_model
 True
 >>> net = build_model("torch.nn:Conv2d", {"in_channels": 3, "out_channels": 8, "kernel_size": 3})
@@ -205,12 +205,12 @@ def load_weights_into(model: nn.Module, path: str | os.PathLike, what: str) -> s
     """Load a user's ``.safetensors`` / ``.pth`` state dict into ``model`` (strictly); returns a description.
 
     ``.pth`` files go through ``torch.load(weights_only=True)`` (pickled code is refused), as
-    everywhere in the toolkit (:mod:`finetune.weights`); ``module.`` prefixes (DataParallel) are
+    everywhere in the toolkit (:mod:`finetune.models.weights`); ``module.`` prefixes (DataParallel) are
     stripped and missing BatchNorm ``num_batches_tracked`` counters are tolerated.
     """
     import safetensors.torch
 
-    from finetune.weights import _is_counter, _normalise, _torch_load_user_file
+    from finetune.models.weights import _is_counter, _normalise, _torch_load_user_file
 
     path = Path(path).expanduser()
     if not path.is_file():

@@ -3,7 +3,7 @@
 Search order for a name: the path as given, ``./recipes/NAME.yaml``, the folders listed in
 ``$FINETUNE_RECIPES`` (``os.pathsep``-separated), then the ``recipes/`` folder of this checkout.
 
->>> from finetune.recipes import list_recipes, load_recipe
+>>> from finetune.config.lookup import list_recipes, load_recipe
 >>> "efficientnet_lite0_folder" in [entry.name for entry in list_recipes()]
 True
 >>> load_recipe("efficientnet_lite0_folder", ["data.root=~/photos"]).model.name
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from finetune.config import Recipe, did_you_mean
+from finetune.config.recipe import Recipe, did_you_mean
 from finetune.errors import FinetuneError
 
-SHIPPED = Path(__file__).resolve().parent.parent / "recipes"
+SHIPPED = Path(__file__).resolve().parent.parent / "recipes"  # finetune/recipes: package data
 
 
 @dataclass

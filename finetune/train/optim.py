@@ -5,7 +5,7 @@ A run is a list of :class:`Phase` objects: the strategy (``probe``, ``full``, ``
 Layer ids for layer-wise LR decay and the stages of gradual unfreezing come from timm's
 ``group_matcher`` (the same grouping ``timm.optim.param_groups_layer_decay`` uses).
 
->>> from finetune.config import Recipe
+>>> from finetune.config.recipe import Recipe
 >>> [(p.name, p.epochs, p.trainable) for p in plan_phases(Recipe(data=".", epochs=5))]
 [('head', 1, 'head'), ('body', 4, 'all')]
 """
@@ -20,7 +20,7 @@ from timm.models import group_parameters
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from finetune.config import Recipe
+from finetune.config.recipe import Recipe
 from finetune.errors import FinetuneError
 
 

@@ -6,7 +6,7 @@ BatchNorm statistics frozen, the backbone is a fixed function: its pooled featur
 and its augmentation. They are computed once and the head (dropout + classifier) trains on them.
 
 Augmented views: training augmentation is a function of (seed, epoch, index)
-(:mod:`finetune.sampling`). With ``views`` = V, head epoch *k* (counted from 1) uses the
+(:mod:`finetune.data.sampling`). With ``views`` = V, head epoch *k* (counted from 1) uses the
 augmentation of epoch ``(k - 1) % V + 1``, so the first V head epochs see exactly what they would
 see without the cache, and later ones cycle through those V views. Validation features (the
 deterministic eval transform) are computed once.
@@ -16,7 +16,7 @@ architecture, the backbone's weights, the transform, the data files (path, size,
 seed and the view, so a second probe of the same data (another LR, more epochs) starts from
 them; any change to model, weights, transform or data gives a new key.
 
->>> from finetune.features import cache_unusable_reason                     # doctest: +SKIP
+>>> from finetune.train.features import cache_unusable_reason                     # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from finetune.checkpoint import save_weights
-from finetune.data import ImageDataset
-from finetune.sampling import EpochSampler, SeededAugmentation
-from finetune.weights import cache_dir
+from finetune.io import save_weights
+from finetune.data.folder import ImageDataset
+from finetune.data.sampling import EpochSampler, SeededAugmentation
+from finetune.models.weights import cache_dir
 
 
 def cache_unusable_reason(model: nn.Module, *, freeze_bn: bool, mixes: bool, distills: bool,

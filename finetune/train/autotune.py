@@ -78,7 +78,7 @@ def autotune_key(architecture: str, images: torch.Tensor) -> str:
 
 def cached_memory_format(key: str) -> tuple[torch.memory_format, dict[str, float]] | None:
     """A choice measured before for ``key``, if the cache holds one."""
-    from finetune.weights import cache_dir
+    from finetune.models.weights import cache_dir
 
     try:
         entry = json.loads((cache_dir() / "autotune.json").read_text()).get(key)
@@ -91,8 +91,8 @@ def cached_memory_format(key: str) -> tuple[torch.memory_format, dict[str, float
 
 def remember_memory_format(key: str, fmt: torch.memory_format, timings: dict[str, float]) -> None:
     """Add a measured choice to the cache (atomic rewrite of ``autotune.json``)."""
-    from finetune.checkpoint import write_json
-    from finetune.weights import cache_dir
+    from finetune.io import write_json
+    from finetune.models.weights import cache_dir
 
     path = cache_dir() / "autotune.json"
     try:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.checkpoint import write_json
-from finetune.config import Recipe
-from finetune.conversion import convert_run, format_summary
+from finetune.io import write_json
+from finetune.config.recipe import Recipe
+from finetune.tasks.convert import convert_run, format_summary
 
 
 def convert_pipeline(recipe: Recipe, *, progress: bool = True, overwrite: bool = False):
-    """Run the three stages; returns the distilled run's :class:`~finetune.train.FitResult`."""
-    from finetune.train import fit
+    """Run the three stages; returns the distilled run's :class:`~finetune.train.trainer.FitResult`."""
+    from finetune.train.trainer import fit
 
     recipe.require_data()
     out = Path(recipe.runtime.out or f"runs/{Path(recipe.model.name).name}-separable").expanduser()

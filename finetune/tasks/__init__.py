@@ -1,0 +1,3 @@
+"""Tasks built on training and conversion: ``finetune convert``, the convert recipe pipeline,
+``finetune compare`` and the demo.
+"""
