@@ -42,7 +42,8 @@ import torch
 
 from finetune.io import model_state_dict, save_weights, write_json
 from finetune.export import export_run
-from finetune.models.factory import RUN_FORMAT, RUN_META, RUN_WEIGHTS, load_model, read_run_meta, resolve_data_config
+from finetune.models import resolve_data_config
+from finetune.rundir import RUN_FORMAT, RUN_META, RUN_WEIGHTS, load_model, read_run_meta
 
 MODELS = ("tf_efficientnet_lite0", "mobilenetv2_100")
 BACKENDS = ("eager", "eager_channels_last", "onnxruntime", "torchscript")

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from finetune.data.folder import ImageDataset, build_transform, scan_folder
+from finetune.data import ImageDataset, build_transform, scan_folder
 from finetune.data.demo import write_demo_folder
-from finetune.models.factory import load_model
+from finetune.rundir import load_model
 
 MODELS = ("tf_efficientnet_lite0", "mobilenetv2_100")
 

@@ -57,7 +57,7 @@ from torchvision.datasets import ImageFolder
 
 from finetune import Recipe
 from finetune.data.demo import write_demo_folder
-from finetune.models.factory import load_model
+from finetune.rundir import load_model
 from finetune.train.trainer import default_num_workers, fit
 
 MODELS = ("tf_efficientnet_lite0", "mobilenetv2_100")

@@ -15,27 +15,30 @@ from typing import Any
 
 from finetune.version import __version__
 
+
 _EXPORTS = {
-    "Recipe": "finetune.config.recipe",
-    "load_recipe": "finetune.config.lookup",
-    "list_recipes": "finetune.config.lookup",
-    "lr_find": "finetune.train.lr_find",
-    "write_demo_folder": "finetune.data.demo",
-    "export_run": "finetune.export",
-    "apply_lora": "finetune.adapters",
-    "merge_lora": "finetune.adapters",
     "FinetuneError": "finetune.errors",
-    "evaluate": "finetune.inference",
-    "predict": "finetune.inference",
-    "Prediction": "finetune.inference",
-    "load_model": "finetune.models.factory",
-    "save_run": "finetune.models.factory",
-    "fit": "finetune.train.trainer",
+    "Recipe": "finetune.config",
+    "load_recipe": "finetune.config",
+    "list_recipes": "finetune.config",
+    "write_demo_folder": "finetune.data.demo",
+    "create_model": "finetune.models",
     "convert_to_separable": "finetune.convert",
     "apply_plan": "finetune.convert",
     "reestimate_batchnorm": "finetune.convert",
     "ConversionReport": "finetune.convert",
-    "FitResult": "finetune.train.trainer",
+    "apply_lora": "finetune.adapters",
+    "merge_lora": "finetune.adapters",
+    "load_model": "finetune.rundir",
+    "save_run": "finetune.rundir",
+    "fit": "finetune.train",
+    "FitResult": "finetune.train",
+    "lr_find": "finetune.train.lr_find",
+    "run_recipe": "finetune.tasks",
+    "evaluate": "finetune.inference",
+    "predict": "finetune.inference",
+    "Prediction": "finetune.inference",
+    "export_run": "finetune.export",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -8,9 +8,9 @@ trained in full (peft ``modules_to_save``) and saved with the adapter, so an ada
 ~10× smaller file than the model, and :func:`merge_lora` folds it back into a plain timm model.
 
 >>> import torch
->>> from finetune.models.factory import load_model
+>>> from finetune.models import create_model
 >>> from finetune.adapters import apply_lora, describe_trainable, merge_lora
->>> model, _ = load_model("mobilenetv2_100", weights="none", num_classes=10)
+>>> model, _ = create_model("mobilenetv2_100", weights="none", num_classes=10)
 >>> peft_model = apply_lora(model, r=8)
 >>> describe_trainable(peft_model)
 'trainable 178,506 of 2,415,188 parameters (7.4%)'
@@ -113,8 +113,8 @@ def lora_target_modules(model: nn.Module, targets: str | Sequence[str] = "auto",
         FinetuneError: a pattern is not a valid regex, matches nothing, or matches a module LoRA
             cannot adapt (depthwise conv, BatchNorm, container, ...) or the head.
 
-    >>> from finetune.models.factory import load_model
-    >>> model, _ = load_model("mobilenetv2_100", weights="none", num_classes=10)
+    >>> from finetune.models import create_model
+    >>> model, _ = create_model("mobilenetv2_100", weights="none", num_classes=10)
     >>> lora_target_modules(model)[:3]      # blocks 0-2 are too thin for a rank-8 adapter to pay
     ['blocks.3.0.conv_pwl', 'blocks.3.1.conv_pw', 'blocks.3.1.conv_pwl']
     >>> lora_target_modules(model, [r"blocks\\.6\\..*conv_pwl?", "conv_head"])
@@ -199,8 +199,8 @@ def apply_lora(
     ``modules_to_save``: trainable copies, saved with the adapter. A fresh LoRA has ``B = 0``,
     so the wrapped model computes exactly what ``model`` did.
 
-    >>> from finetune.models.factory import load_model
-    >>> model, _ = load_model("tf_efficientnet_lite0", weights="none", num_classes=10)
+    >>> from finetune.models import create_model
+    >>> model, _ = create_model("tf_efficientnet_lite0", weights="none", num_classes=10)
     >>> apply_lora(model, r=4, targets=[r".*conv_pwl"]).peft_config["default"].r
     4
     """
@@ -319,10 +319,10 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike, is_trainab
     ``is_trainable=False`` (default) loads it frozen for inference; ``True`` to train further.
 
     >>> import tempfile
-    >>> from finetune.models.factory import load_model
-    >>> model, _ = load_model("mobilenetv2_100", weights="none", num_classes=10)
+    >>> from finetune.models import create_model
+    >>> model, _ = create_model("mobilenetv2_100", weights="none", num_classes=10)
     >>> folder = save_adapter(apply_lora(model), tempfile.mkdtemp())
-    >>> base, _ = load_model("mobilenetv2_100", weights="none", num_classes=10)
+    >>> base, _ = create_model("mobilenetv2_100", weights="none", num_classes=10)
     >>> type(load_adapter(base, folder)).__name__
     'PeftModel'
     """

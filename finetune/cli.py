@@ -16,7 +16,7 @@ import sys
 from typing import Sequence
 
 from finetune.version import __version__
-from finetune.config.recipe import SHORT_KEYS, Recipe, base_type, field_specs
+from finetune.config import SHORT_KEYS, Recipe, base_type, field_specs
 from finetune.errors import FinetuneError
 
 EPILOG_TRAIN = """examples:
@@ -103,9 +103,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         return launch(_without_launch_flags(args.argv), args.num_processes, args.num_machines, args.machine_rank,
                       args.main_process_ip, args.main_process_port)
-    from finetune.train.trainer import fit
+    from finetune.tasks import run_recipe
 
-    fit(recipe, progress=not args.no_progress, overwrite=args.overwrite)
+    run_recipe(recipe, progress=not args.no_progress, overwrite=args.overwrite)
     return 0
 
 
@@ -195,7 +195,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     import textwrap
 
-    from finetune.models.factory import family_models
+    from finetune.models import family_models
     from finetune.models.weights import OFFLINE_MODELS, network_available, offline_weights_file, weight_sources
 
     if args.prepare:

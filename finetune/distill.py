@@ -46,32 +46,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+from timm.utils import unwrap_model  # the module inside DDP / torch.compile wrappers
 
 from finetune.convert.surgery import model_device
 from finetune.errors import FinetuneError
 
 MeanStd = Union[tuple[Sequence[float], Sequence[float]], tuple[torch.Tensor, torch.Tensor], None]
 
-__all__ = ["DistillationLoss", "compare_outputs", "feature_layers_from_plan"]
+__all__ = ["DistillationLoss", "agreement", "compare_outputs", "feature_layers_from_plan"]
 
 
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP / ``torch.compile`` / accelerate wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module) and (
-                type(model).__name__ in ("DistributedDataParallel", "DataParallel")):
-            model = model.module
-        else:
-            return model
-
-
-
 
 def feature_layers_from_plan(student: nn.Module) -> list[str]:
     """Names of the layers :func:`~finetune.convert.convert_to_separable` (or
@@ -87,9 +74,9 @@ def feature_layers_from_plan(student: nn.Module) -> list[str]:
     >>> feature_layers_from_plan(convert_to_separable(net, rank=1))
     ['0', '2']
     """
-    plan = getattr(_unwrap(student), "separable_plan", None)
+    plan = getattr(unwrap_model(student), "separable_plan", None)
     if plan is None:
-        raise FinetuneError(f"the student (`{type(_unwrap(student)).__name__}`) has no `separable_plan`: it was "
+        raise FinetuneError(f"the student (`{type(unwrap_model(student)).__name__}`) has no `separable_plan`: it was "
                             "not made by convert_to_separable/apply_plan; pass feature_layers=[...] explicitly")
     if isinstance(plan, dict) and "layers" in plan:
         plan = plan["layers"]
@@ -290,9 +277,9 @@ class DistillationLoss(nn.Module):
         self._teacher_rec: _Recorder | None = None
         self._student_rec: _Recorder | None = None
         if layers:
-            self._teacher_rec = _Recorder(_unwrap(teacher), layers, "teacher")
+            self._teacher_rec = _Recorder(unwrap_model(teacher), layers, "teacher")
             try:
-                self._student_rec = _Recorder(_unwrap(student), layers, "student")
+                self._student_rec = _Recorder(unwrap_model(student), layers, "student")
             except Exception:
                 self._teacher_rec.remove()
                 raise
@@ -413,6 +400,46 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     raise FinetuneError(f"a batch must be a tensor, (images, labels) or a dict, got `{type(batch).__name__}`")
 
 
+def agreement(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+              labels: torch.Tensor | None = None) -> dict[str, float | int | None]:
+    """How closely a student follows its teacher, from their logits on the same images: the one
+    agreement measure that ``finetune convert`` (converted vs dense) and ``finetune distill``
+    (student before/after vs teacher) report.
+
+    Returns ``{"n", "agreement", "kl", "relative_logit_error", "max_abs_diff", "mean_abs_diff",
+    "teacher_acc", "student_acc"}``: ``agreement`` – share of images whose top-1 classes agree;
+    ``kl`` – mean over images of ``KL(softmax(t) ‖ softmax(s))`` (T = 1, nats);
+    ``relative_logit_error`` – ‖s − t‖ / ‖t‖ over all logits; ``max_abs_diff`` / ``mean_abs_diff``
+    – largest / mean absolute logit difference; accuracies only with class-index ``labels``.
+
+    >>> t = torch.tensor([[2.0, 0.0], [0.0, 1.0]]); s = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    >>> stats = agreement(t, s, torch.tensor([0, 1]))
+    >>> stats["agreement"], stats["teacher_acc"], stats["student_acc"], stats["max_abs_diff"]
+    (0.5, 1.0, 0.5, 1.0)
+    """
+    s_logits, t_logits = student_logits.detach().float().cpu(), teacher_logits.detach().float().cpu()
+    if s_logits.shape != t_logits.shape:
+        raise FinetuneError(f"teacher logits {tuple(t_logits.shape)} and student logits "
+                            f"{tuple(s_logits.shape)} differ in shape")
+    n = s_logits.shape[0]
+    if n == 0:
+        raise FinetuneError("no images to compare teacher and student on")
+    s_top, t_top = s_logits.argmax(-1), t_logits.argmax(-1)
+    diff = (s_logits - t_logits).abs()
+    labelled = labels is not None and labels.dim() == 1 and not labels.is_floating_point()
+    labels = labels.cpu() if labelled else None
+    return {
+        "n": n,
+        "agreement": float((s_top == t_top).float().mean()),
+        "kl": float(_kd(s_logits, t_logits, 1.0)),
+        "relative_logit_error": float(diff.pow(2).sum() / t_logits.pow(2).sum().clamp_min(1e-12)) ** 0.5,
+        "max_abs_diff": float(diff.max()) if diff.numel() else 0.0,
+        "mean_abs_diff": float(diff.mean()) if diff.numel() else 0.0,
+        "teacher_acc": float((t_top == labels).float().mean()) if labelled else None,
+        "student_acc": float((s_top == labels).float().mean()) if labelled else None,
+    }
+
+
 @torch.no_grad()
 def compare_outputs(
     teacher: nn.Module,
@@ -422,15 +449,9 @@ def compare_outputs(
     teacher_mean_std: MeanStd = None,
     student_mean_std: MeanStd = None,
 ) -> dict[str, float | int | None]:
-    """Teacher vs student on ``batches`` (tensors, ``(images, labels)`` pairs or dicts), both in
-    eval mode (modes restored afterwards); what ``finetune distill`` prints side by side.
-
-    Returns ``{"n", "agreement", "kl", "max_abs_diff", "mean_abs_diff", "teacher_acc",
-    "student_acc"}``: ``agreement`` – share of images whose top-1 classes agree; ``kl`` – mean
-    over images of ``KL(softmax(t) ‖ softmax(s))`` (T = 1, nats); ``max_abs_diff`` /
-    ``mean_abs_diff`` – largest / mean absolute logit difference; accuracies only when the
-    batches carry class-index labels (else ``None``). ``*_mean_std`` re-normalise the teacher's
-    input as in :class:`DistillationLoss` (images are normalised for the student).
+    """:func:`agreement` of teacher and student on ``batches`` (tensors, ``(images, labels)`` pairs
+    or dicts), both run in eval mode (modes restored afterwards). ``*_mean_std`` re-normalise the
+    teacher's input as in :class:`DistillationLoss` (images are normalised for the student).
 
     >>> import copy, torch
     >>> from torch import nn
@@ -446,10 +467,7 @@ def compare_outputs(
     modes = {m: m.training for m in list(teacher.modules()) + list(student.modules())}
     teacher.eval()
     student.eval()
-    n = agree = correct_t = correct_s = labelled = 0
-    kl_sum = abs_sum = 0.0
-    numel = 0
-    max_abs = 0.0
+    t_all, s_all, label_all = [], [], []
     try:
         for batch in batches:
             images, labels = _split_batch(batch)
@@ -462,35 +480,13 @@ def compare_outputs(
                         / t_stats[1].to(dev, dt))
             t_logits = _first_tensor(teacher(t_in))
             assert s_logits is not None and t_logits is not None
-            s_logits, t_logits = s_logits.float().cpu(), t_logits.float().cpu()
-            if s_logits.shape != t_logits.shape:
-                raise FinetuneError(f"teacher logits {tuple(t_logits.shape)} and student logits "
-                                    f"{tuple(s_logits.shape)} differ in shape")
-            s_top, t_top = s_logits.argmax(-1), t_logits.argmax(-1)
-            batch_n = s_logits.shape[0]
-            n += batch_n
-            agree += int((s_top == t_top).sum())
-            kl_sum += float(_kd(s_logits, t_logits, 1.0)) * batch_n
-            diff = (s_logits - t_logits).abs()
-            abs_sum += float(diff.sum())
-            numel += diff.numel()
-            max_abs = max(max_abs, float(diff.max()) if diff.numel() else 0.0)
-            if labels is not None and labels.dim() == 1 and not labels.is_floating_point():
-                labels = labels.cpu()
-                labelled += batch_n
-                correct_t += int((t_top == labels).sum())
-                correct_s += int((s_top == labels).sum())
+            t_all.append(t_logits.float().cpu())
+            s_all.append(s_logits.float().cpu())
+            label_all.append(labels.cpu() if labels is not None else None)
     finally:
         for module, flag in modes.items():
             module.training = flag
-    if n == 0:
+    if not t_all:
         raise FinetuneError("compare_outputs got no batches")
-    return {
-        "n": n,
-        "agreement": agree / n,
-        "kl": kl_sum / n,
-        "max_abs_diff": max_abs,
-        "mean_abs_diff": abs_sum / max(numel, 1),
-        "teacher_acc": correct_t / labelled if labelled else None,
-        "student_acc": correct_s / labelled if labelled else None,
-    }
+    labels = torch.cat(label_all) if all(x is not None for x in label_all) else None
+    return agreement(torch.cat(t_all), torch.cat(s_all), labels)

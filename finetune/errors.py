@@ -43,7 +43,7 @@ def did_you_mean(value: object, candidates: Iterable[str], n: int = 1, cutoff: f
 
 
 def one_line(exc: BaseException, limit: int = 200) -> str:
-    """An exception's message on one line (whitespace collapsed), shortened to ``limit`` characters.
+    r"""An exception's message on one line (whitespace collapsed), shortened to ``limit`` characters.
 
     For messages that quote a library's error inside a one-line :class:`FinetuneError`.
 

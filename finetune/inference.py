@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from finetune.io import write_json, write_text
-from finetune.data.folder import eval_loader, list_images, scan_labelled, write_skipped
+from finetune.data import eval_loader, list_images, scan_labelled, write_skipped
 from finetune.errors import FinetuneError
 from finetune.metrics import classification_metrics, plot_confusion
-from finetune.models.factory import load_model, read_run_meta
+from finetune.rundir import load_model, read_run_meta
 
 
 @dataclass

@@ -25,6 +25,19 @@ import torch
 from safetensors.torch import save_file
 
 
+def cache_dir() -> Path:
+    """Cache root: ``$FINETUNE_CACHE``, else ``$XDG_CACHE_HOME/finetune-vision``, else ``~/.cache/finetune-vision``.
+
+    >>> import os; os.environ["FINETUNE_CACHE"] = "/tmp/fv-cache"; str(cache_dir())
+    '/tmp/fv-cache'
+    >>> del os.environ["FINETUNE_CACHE"]
+    """
+    if os.environ.get("FINETUNE_CACHE"):
+        return Path(os.environ["FINETUNE_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "finetune-vision"
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

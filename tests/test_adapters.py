@@ -32,7 +32,7 @@ from finetune.adapters import (
     save_adapter,
 )
 from finetune.errors import FinetuneError
-from finetune.models.factory import load_model
+from finetune.rundir import load_model
 
 # peft warns (rather than fails) when it tries the Hugging Face Hub: make that an error here
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("error::UserWarning:peft")]

@@ -18,11 +18,12 @@ import torch
 from PIL import Image
 
 from finetune.io import model_state_dict, read_json, save_weights, write_json
-from finetune.data.folder import build_transform
+from finetune.data import build_transform
 from finetune.data.demo import load_demo_arrays, write_demo_folder
 from finetune.errors import FinetuneError
 from finetune.export import ROUNDING_FACTOR, describe_preprocessing, export_run
-from finetune.models.factory import RUN_FORMAT, RUN_META, RUN_WEIGHTS, load_model, resolve_data_config
+from finetune.models import resolve_data_config
+from finetune.rundir import RUN_FORMAT, RUN_META, RUN_WEIGHTS, load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

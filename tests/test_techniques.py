@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from finetune import Recipe, fit, load_model, lr_find
 from finetune.data.folder import build_transform, scan_folder
-from finetune.models.factory import RUN_WEIGHTS
+from finetune.rundir import RUN_WEIGHTS
 from finetune.train.checkpoints import find_checkpoint
 from finetune.train.optim import body_stage_ids, build_optimizer, build_scheduler, plan_phases, set_trainable
 from finetune.train.trainer import build_loss

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune import Recipe, evaluate, fit, load_model, predict
-from finetune.models.factory import RUN_WEIGHTS
+from finetune.rundir import RUN_WEIGHTS
 from finetune.train.optim import plan_phases
 
 ARCH = "tf_efficientnet_lite0"

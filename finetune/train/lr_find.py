@@ -30,7 +30,7 @@ from finetune.config.recipe import Recipe
 from finetune.data.folder import scan_folder
 from finetune.errors import FinetuneError
 from finetune.train.loop import freeze_bn_stats
-from finetune.models.factory import read_run_meta
+from finetune.rundir import read_run_meta
 from finetune.train.optim import body_stage_ids, build_optimizer, plan_phases, set_trainable
 from finetune.train.trainer import build_loaders, build_loss, build_model_for
 

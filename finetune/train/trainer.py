@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from finetune.train.autotune import (FORMATS, autotune_key, cached_memory_format, choose_memory_format,
                                 remember_memory_format)
-from finetune.io import model_state_dict, save_weights, weights_metadata, write_json, write_text
+from finetune.io import model_state_dict, write_json, write_text
 from finetune.config.recipe import Recipe
 from finetune.data.folder import (FolderSplit, ImageDataset, Sample, build_transform, class_weights, draft_size,
                            eval_loader, is_unlabelled_folder, scan_folder, scan_unlabelled)
@@ -42,11 +42,13 @@ from finetune.errors import FinetuneError
 from finetune.train.features import FeatureCache, HeadOnly, cache_unusable_reason
 from finetune.train.loop import predict, train_epoch
 from finetune.metrics import classification_metrics, plot_confusion, plot_curves
-from finetune.models.factory import RUN_META, RUN_WEIGHTS, check_model_name, load_model, read_run_meta
+from finetune.models import check_model_name
+from finetune.rundir import (RUN_METRICS, RUN_RECIPE, RUN_WEIGHTS, load_model, read_run_meta, write_log, write_meta,
+                             write_weights)
 from finetune.train.optim import body_stage_ids, build_optimizer, build_scheduler, plan_phases, set_trainable
 from finetune.train.checkpoints import Position, load_checkpoint, save_checkpoint, set_rng_state
-from finetune.train.run_dir import (check_run_dir, check_same_classes, create_run_dir, model_meta, recipe_for_disk,
-                             report_split, resume_checkpoint, write_log)
+from finetune.train.outputs import (check_run_dir, check_same_classes, create_run_dir, model_meta, recipe_for_disk,
+                             report_split, resume_checkpoint)
 from finetune.data.sampling import EpochSampler, SeededAugmentation
 from finetune.models.weights import resolve_weights
 
@@ -138,8 +140,8 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
     meta = model_meta(recipe_for_disk(recipe, run_dir), split, data_config, model, source_meta,
                       accelerator.num_processes)
     if accelerator.is_main_process and checkpoint is None:
-        write_json(run_dir / RUN_META, meta)
-        write_text(run_dir / "recipe.yaml", recipe_for_disk(recipe, run_dir).to_yaml())
+        write_meta(run_dir, meta)
+        write_text(run_dir / RUN_RECIPE, recipe_for_disk(recipe, run_dir).to_yaml())
 
     train_loader, val_loader = build_loaders(recipe, split, data_config)
     train_sampler = train_loader.sampler  # ours (EpochSampler); accelerate wraps it below
@@ -289,15 +291,14 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
                 meta["best_epoch"] = epoch
                 if accelerator.is_main_process:
                     saved = accelerator.unwrap_model(evaluated)
-                    save_weights(model_state_dict(_plain_model(saved, recipe)), run_dir / RUN_WEIGHTS,
-                                 weights_metadata(meta))
+                    write_weights(run_dir, model_state_dict(_plain_model(saved, recipe)), meta)
                     if recipe.lora.enabled:
                         from finetune.adapters import save_adapter
 
                         save_adapter(saved, run_dir / "adapter")
-                    write_json(run_dir / RUN_META, meta)
+                    write_meta(run_dir, meta)
             if accelerator.is_main_process:
-                write_log(history, run_dir / "log.csv")
+                write_log(history, run_dir)
             save(phase_index, epoch, 0, updates, [])
             accelerator.wait_for_everyone()
 
@@ -319,13 +320,13 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
     seconds = time.perf_counter() - started
     metrics["train_seconds"] = seconds
     if accelerator.is_main_process:
-        write_json(run_dir / "metrics.json", metrics)
+        write_json(run_dir / RUN_METRICS, metrics)
         plot_confusion(metrics["confusion"], split.classes, run_dir / "confusion.png",
                        title=f"{recipe.model.name} — validation (top-1 {metrics['top1']:.3f})")
         plot_curves(history, run_dir / "curves.png")
         meta["status"] = "complete"
         meta["val_top1"] = metrics["top1"]
-        write_json(run_dir / RUN_META, meta)
+        write_meta(run_dir, meta)
     accelerator.print(
         f"done in {seconds:.0f}s: best val top-1 {metrics['top1']:.4f} (epoch {metrics['best_epoch']}); "
         f"run directory {run_dir}"

@@ -36,25 +36,23 @@ upstream as well; it is offered for runtimes that load ``.pt`` files (LibTorch, 
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import timm
 import torch
 from PIL import Image
 
-from finetune.version import __version__
 from finetune.io import atomic_path, write_json
-from finetune.data.folder import build_transform, draft_size, list_images, load_rgb, to_rgb
-from finetune.errors import FinetuneError
-from finetune.models.factory import load_model, read_run_meta
+from finetune.data import build_transform, draft_size, list_images, load_rgb, to_rgb
+from finetune.errors import FinetuneError, one_line
+from finetune.export.sidecar import (INPUT_NAME, MODEL_FILES, OUTPUT_NAME, PREPROCESSING_FILE, describe_preprocessing,
+                                      importable, sidecar)
+from finetune.rundir import load_model, read_run_meta
 
 __all__ = [
     "DEFAULT_TOLERANCE",
@@ -68,10 +66,6 @@ __all__ = [
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 EXPORTERS = ("dynamo", "legacy")
-MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
-PREPROCESSING_FILE = "preprocessing.json"
-SIDECAR_FORMAT = "finetune-vision/export/1"
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
 #: Largest |eager - exported| logit difference accepted by the parity check.
 DEFAULT_TOLERANCE = 1e-4
 #: Above ``tolerance``, the export may still differ by this many times eager's own float32 error.
@@ -85,8 +79,6 @@ _NEEDS = {
     ("onnx", "legacy"): ("onnx", "onnxruntime"),
     ("torchscript", None): (),
 }
-_PIL_FILTERS = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC", "box": "BOX",
-                "hamming": "HAMMING", "lanczos": "LANCZOS"}
 
 
 @dataclass
@@ -135,121 +127,12 @@ class ExportReport:
 
 
 # --------------------------------------------------------------------------------------------
-# The sidecar
-# --------------------------------------------------------------------------------------------
-
-def _geometry(data_config: dict[str, Any]) -> dict[str, Any]:
-    """Resize and crop of timm's eval transform (``transforms_imagenet_eval``) for ``data_config``."""
-    _, height, width = (int(v) for v in data_config["input_size"])
-    crop_pct = data_config.get("crop_pct") or timm.data.DEFAULT_CROP_PCT
-    crop_mode = data_config.get("crop_mode") or "center"
-    interpolation = str(data_config["interpolation"])
-    if interpolation not in _PIL_FILTERS:
-        raise FinetuneError(f"interpolation `{interpolation}` in the run's data_config is not one of "
-                            f"{', '.join(_PIL_FILTERS)}; fix data_config in model.json")
-    scale = (math.floor(height / crop_pct), math.floor(width / crop_pct))
-    if crop_mode == "squash":
-        resize = {"mode": "exact", "size": [scale[0], scale[1]],
-                  "rule": "resize to exactly [height, width] = size (aspect ratio not kept)"}
-    elif crop_mode == "center" and scale[0] == scale[1]:
-        resize = {"mode": "shorter_side", "size": scale[0],
-                  "rule": "scale the shorter side to `size` and the longer one to int(size * longer / shorter) "
-                          "(truncated), keeping the aspect ratio; skipped when the shorter side already equals size"}
-    else:
-        raise FinetuneError(f"crop_mode `{crop_mode}` with input size {height}x{width} cannot be described in "
-                            f"{PREPROCESSING_FILE} yet; export a run with crop_mode `center` and a square input size")
-    resize.update(interpolation=interpolation, pil_filter=f"PIL.Image.Resampling.{_PIL_FILTERS[interpolation]}",
-                  antialias=True, library="PIL Image.resize (antialiased when shrinking; OpenCV's cv2.resize "
-                                          "is not and gives slightly different pixels)")
-    return {"crop_pct": crop_pct, "crop_mode": crop_mode, "resize": resize,
-            "center_crop": {"size": [height, width],
-                            "rule": "top = round((H - height) / 2), left = round((W - width) / 2) with Python's "
-                                    "round (halves to even), H x W the resized image; pad with 0 first if smaller"}}
-
-
-def describe_preprocessing(data_config: dict[str, Any]) -> dict[str, Any]:
-    """The input a model with this (timm) data config expects, as plain JSON-able data.
-
-    Mirrors ``build_transform(data_config, train=False)`` step by step: decode to RGB, resize,
-    centre crop, scale to [0, 1], normalise per channel, CHW.
-
-    >>> spec = describe_preprocessing({"input_size": (3, 96, 96), "interpolation": "bicubic",
-    ...                                "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.875})
-    >>> spec["resize"]["size"], spec["center_crop"]["size"], spec["layout"]
-    (109, [96, 96], 'NCHW')
-    """
-    geometry = _geometry(data_config)
-    mean = [float(v) for v in data_config["mean"]]
-    std = [float(v) for v in data_config["std"]]
-    return {
-        "input_size": [int(v) for v in data_config["input_size"]],
-        "layout": "NCHW",
-        "dtype": "float32",
-        "channel_order": "RGB",
-        "decode": "8-bit RGB with EXIF orientation applied; greyscale replicated to 3 channels; transparency "
-                  "composited on white (finetune.data.folder.load_rgb)",
-        **geometry,
-        "scale": {"divide_by": 255.0, "rule": "x = pixel / 255 as float32, giving [0, 1]"},
-        "normalize": {"mean": mean, "std": std, "rule": "x[c] = (x[c] - mean[c]) / std[c], channels in RGB order"},
-        "interpolation": geometry["resize"]["interpolation"],
-        "mean": mean,
-        "std": std,
-        "note": "`finetune predict` may decode large JPEGs at reduced scale first (PIL draft mode, keeping at least "
-                "twice the input side), which changes pixels negligibly",
-    }
-
-
-def _sidecar(meta: dict[str, Any], data_config: dict[str, Any], fmt: str, exporter: str, opset: int | None,
-             parity: dict[str, Any], transform: Callable) -> dict[str, Any]:
-    _, height, width = (int(v) for v in data_config["input_size"])
-    classes = list(meta["classes"])
-    return {
-        "format": SIDECAR_FORMAT,
-        "model_file": MODEL_FILES[fmt],
-        "model_format": fmt,
-        "architecture": meta["architecture"],
-        "input": {"name": INPUT_NAME if fmt == "onnx" else None, "shape": ["batch", 3, height, width],
-                  "dtype": "float32", "layout": "NCHW", "channel_order": "RGB",
-                  "note": "the batch axis is dynamic; height and width are fixed"},
-        "output": {"name": OUTPUT_NAME if fmt == "onnx" else None, "shape": ["batch", len(classes)],
-                   "dtype": "float32",
-                   "meaning": "logits in the order of `classes`; softmax over axis 1 gives probabilities"},
-        "classes": classes,
-        "preprocessing": describe_preprocessing(data_config),
-        "timm_transform": " ".join(repr(transform).split()),
-        "export": {"exporter": exporter, "opset": opset, "parity": parity,
-                   "versions": {"finetune-vision": __version__, "torch": torch.__version__,
-                                "timm": timm.__version__, **_onnx_versions(fmt)},
-                   "created": datetime.now().isoformat(timespec="seconds")},
-    }
-
-
-def _onnx_versions(fmt: str) -> dict[str, str]:
-    if fmt != "onnx":
-        return {}
-    versions = {}
-    for name in ("onnx", "onnxscript", "onnxruntime"):
-        module = importlib.import_module(name) if _importable(name) else None
-        if module is not None:
-            versions[name] = getattr(module, "__version__", "?")
-    return versions
-
-
-# --------------------------------------------------------------------------------------------
 # Images for the parity check
 # --------------------------------------------------------------------------------------------
 
-def _importable(name: str) -> bool:
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        return False
-    return True
-
-
 def _require(fmt: str, exporter: str | None) -> None:
     for name in _NEEDS[(fmt, exporter)]:
-        if not _importable(name):
+        if not importable(name):
             hint = " (or pass exporter='legacy', which does not need it)" if name == "onnxscript" else ""
             raise FinetuneError(f"exporting to {fmt} needs the `{name}` package, which is not installed; "
                                 f"run `pip install {name}`{hint}")
@@ -294,11 +177,6 @@ def _batches(n: int) -> list[int]:
 # --------------------------------------------------------------------------------------------
 # Exporters and runners
 # --------------------------------------------------------------------------------------------
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
 
 def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, exporter: str, opset: int | None) -> None:
     kwargs: dict[str, Any] = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset)
@@ -456,7 +334,7 @@ def export_run(
     model, data_config = load_model(run_dir)
     model.eval()
     transform = build_transform(data_config, train=False)
-    _geometry(data_config)  # refuse a preprocessing the sidecar cannot describe before exporting
+    describe_preprocessing(data_config)  # refuse a preprocessing the sidecar cannot describe before exporting
     inputs = _check_images(images, data_config, max_images)
     example = inputs[:2] if len(inputs) >= 2 else inputs.repeat(2, 1, 1, 1)  # batch 2: no 0/1 specialisation
     label = {"dynamo": "torch.onnx dynamo", "legacy": "torch.onnx legacy (TorchScript-based)"}[exporter] \
@@ -474,7 +352,7 @@ def export_run(
             raise
         except Exception as exc:  # noqa: BLE001 -- exporter failures become one line, traceback chained
             fixes = f"exporter {other} or format torchscript" if fmt == "onnx" else "format onnx"
-            raise FinetuneError(f"{label} could not export `{meta['architecture']}`: {_one_line(exc)}; "
+            raise FinetuneError(f"{label} could not export `{meta['architecture']}`: {one_line(exc)}; "
                                 f"try {fixes}") from exc
         written_opset = _onnx_opset(tmp) if fmt == "onnx" else None
         if opset is not None and written_opset != opset:
@@ -488,7 +366,7 @@ def export_run(
         except Exception as exc:  # noqa: BLE001
             fixes = f"exporter {other} or format torchscript" if fmt == "onnx" else "format onnx"
             raise FinetuneError(f"the exported {fmt} model of `{meta['architecture']}` fails to run: "
-                                f"{_one_line(exc)}; try {fixes}") from exc
+                                f"{one_line(exc)}; try {fixes}") from exc
         limit, float32_error = tolerance, None
         if math.isfinite(max_diff) and max_diff > tolerance:
             float32_error = _float32_error(model, inputs, sizes)
@@ -503,9 +381,8 @@ def export_run(
     parity = {"max_abs_diff": max_diff, "tolerance": limit, "requested_tolerance": tolerance,
               "float32_error": float32_error, "images": len(inputs), "batch_sizes": sizes,
               "images_source": _images_source(images)}
-    sidecar = _sidecar(meta, data_config, fmt, label, written_opset, parity, transform)
     preprocessing_path = out_dir / PREPROCESSING_FILE
-    write_json(preprocessing_path, sidecar)
+    write_json(preprocessing_path, sidecar(meta, data_config, fmt, label, written_opset, parity, transform))
     return ExportReport(format=fmt, model_path=model_path, preprocessing_path=preprocessing_path,
                         max_abs_diff=max_diff, images_checked=len(inputs), batch_sizes=tuple(sizes),
                         opset=written_opset, exporter=label,

@@ -1,36 +1,24 @@
-"""The run directory of ``fit``: where it goes, what ``model.json`` records, ``log.csv``.
+"""Where a training run writes: the run directory checked and created, the recipe as stored,
+the checkpoint to resume, the split reported, and what ``model.json`` records about the run.
 
-Only the main process writes; every write is atomic (:mod:`finetune.io`).
+The file names and the ``model.json`` writer are :mod:`finetune.rundir`'s; only the main process
+writes, and every write is atomic.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import platform
 import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import timm
-import torch
 from accelerate import Accelerator
 from torch import nn
 
-from finetune.version import __version__
-from finetune.io import write_text
 from finetune.config.recipe import Recipe
 from finetune.data.folder import FolderSplit, write_skipped
 from finetune.errors import FinetuneError
-from finetune.models.factory import RUN_FORMAT
-
-LOG_COLUMNS = (
-    "epoch", "phase", "lr_head", "lr_body", "train_loss", "train_top1",
-    "val_loss", "val_top1", "epoch_seconds", "train_images_per_s",
-)
-RUN_ARTEFACTS = ("model.safetensors", "model.json", "metrics.json", "log.csv", "confusion.png", "curves.png",
-                 "recipe.yaml", "skipped.txt", "checkpoints", "adapter", "eval-*")
+from finetune.rundir import RUN_ARTEFACTS, RUN_RECIPE, RUN_SKIPPED, make_run_meta
 
 
 def check_run_dir(recipe: Recipe, overwrite: bool) -> Path:
@@ -47,7 +35,7 @@ def check_run_dir(recipe: Recipe, overwrite: bool) -> Path:
             "training images; pass --out outside the data folder"
         )
     if recipe.runtime.resume is not None:
-        if not (run_dir / "recipe.yaml").is_file():
+        if not (run_dir / RUN_RECIPE).is_file():
             raise FinetuneError(f"--resume: `{run_dir}` holds no run to resume; pass its --out (or its recipe.yaml), "
                                 "or start the run without --resume")
         return run_dir
@@ -76,7 +64,7 @@ def resume_checkpoint(recipe: Recipe, run_dir: Path) -> Path | None:
 
     if recipe.runtime.resume is None:
         return None
-    saved = Recipe.from_yaml(run_dir / "recipe.yaml").to_dict()
+    saved = Recipe.from_yaml(run_dir / RUN_RECIPE).to_dict()
     wanted = recipe_for_disk(recipe, run_dir).to_dict()
     for section, values in wanted.items():
         for key, value in (values.items() if isinstance(values, dict) else [(None, values)]):
@@ -84,7 +72,7 @@ def resume_checkpoint(recipe: Recipe, run_dir: Path) -> Path | None:
             if old != value:
                 name = f"{section}.{key}" if key else section
                 raise FinetuneError(f"--resume: {name} is `{value}` but the run was started with `{old}`; resume "
-                                    f"with the run's own recipe (finetune train {run_dir / 'recipe.yaml'} --resume)")
+                                    f"with the run's own recipe (finetune train {run_dir / RUN_RECIPE} --resume)")
     if recipe.runtime.resume == "latest":
         checkpoint = find_checkpoint(run_dir)
         if checkpoint is None:
@@ -118,39 +106,33 @@ def report_split(split: FolderSplit, run_dir: Path, accelerator: Accelerator) ->
     for warning in split.warnings:
         accelerator.print(f"warning: {warning}")
     if split.skipped:
-        accelerator.print(f"skipped {len(split.skipped)} unreadable image(s); list in {run_dir / 'skipped.txt'}")
+        accelerator.print(f"skipped {len(split.skipped)} unreadable image(s); list in {run_dir / RUN_SKIPPED}")
         if accelerator.is_main_process:
-            write_skipped(split.skipped, run_dir / "skipped.txt")
+            write_skipped(split.skipped, run_dir / RUN_SKIPPED)
 
 
 def model_meta(recipe: Recipe, split: FolderSplit, data_config: dict, model: nn.Module,
                source_meta: dict[str, Any] | None, world_size: int) -> dict[str, Any]:
-    """What ``model.json`` records: enough to rebuild the model and to know how it was made."""
-    meta = {
-        "format": RUN_FORMAT,
-        "architecture": source_meta["architecture"] if source_meta else recipe.model.name,
-        "num_classes": len(split.classes),
-        "classes": split.classes,
-        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
-        "weights_source": model.pretrained_cfg.get("weights_source"),
+    """What ``model.json`` records for a training run (:func:`finetune.rundir.make_run_meta` plus how it
+    was trained); ``status`` stays ``running`` until the final evaluation."""
+    source = dict(source_meta or {})
+    extra: dict[str, Any] = {
         "recipe": recipe.to_dict(),
         "strategy": recipe.resolved_strategy,
         "data": {"root": str(split.root), "layout": split.layout, "train_images": len(split.train),
                  "val_images": len(split.val), "skipped_images": len(split.skipped)},
         "world_size": world_size,
-        "versions": {"finetune-vision": __version__, "torch": torch.__version__, "timm": timm.__version__,
-                     "python": platform.python_version()},
-        "created": datetime.now().isoformat(timespec="seconds"),
         "status": "running",
     }
     if source_meta is not None:
-        meta["started_from"] = recipe.model.name
-        for key in ("separable_plan", "builder", "builder_kwargs"):
-            if source_meta.get(key):
-                meta[key] = source_meta[key]
+        extra["started_from"] = recipe.model.name
     if recipe.distill.teacher is not None:
-        meta["teacher"] = recipe.distill.teacher
-    return meta
+        extra["teacher"] = recipe.distill.teacher
+    return make_run_meta(architecture=source["architecture"] if source_meta else recipe.model.name,
+                         classes=split.classes, data_config=data_config,
+                         builder=source.get("builder"), builder_kwargs=source.get("builder_kwargs"),
+                         separable_plan=source.get("separable_plan"),
+                         weights_source=model.pretrained_cfg.get("weights_source"), extra=extra)
 
 
 def check_same_classes(run: str, run_classes: list[str], data_classes: list[str]) -> None:
@@ -161,13 +143,3 @@ def check_same_classes(run: str, run_classes: list[str], data_classes: list[str]
             f"but the data folder has {', '.join(data_classes[:6])}{'…' if len(data_classes) > 6 else ''}; "
             "use the same class folders (or train a new head from a timm model name)"
         )
-
-
-def write_log(rows: list[dict[str, Any]], path: Path) -> None:
-    """``log.csv``: one row per epoch, columns :data:`LOG_COLUMNS`."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    write_text(path, buffer.getvalue())
