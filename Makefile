@@ -16,7 +16,7 @@ DEMO_OUT ?= runs/demo
 
 help:
 	@echo "make demo       set up .venv and fine-tune on the embedded Fashion-MNIST subset"
-	@echo "make test       set up .venv and run the test suite"
+	@echo "make test       set up .venv, run the test suite and the docstring examples"
 	@echo "make test-slow  also run the slow end-to-end tests"
 	@echo "make bench      training-throughput benchmarks (quick mode: make bench QUICK=1)"
 
@@ -34,8 +34,10 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/finetune demo --out $(DEMO_OUT)
 
+# the test suite and every docstring example in the package (pytest exits non-zero on "no tests" too)
 test: install
-	$(PY) -m pytest -m "not slow" --durations=10
+	$(PY) -m pytest -m "not slow" --durations=10 tests
+	$(PY) -m pytest --doctest-modules finetune -q
 
 test-slow: install
 	$(PY) -m pytest -m slow --durations=10

@@ -25,7 +25,7 @@ import torch
 from finetune.data.demo import write_demo_folder
 from finetune.errors import FinetuneError
 from finetune.config.lookup import list_recipes, load_recipe
-from finetune.train.trainer import fit
+from finetune.tasks import run_recipe  # train or convert, by the recipe's task
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(entry.name, overrides)
         tic = time.perf_counter()
         try:
-            result = fit(recipe, progress=False, overwrite=True)
+            result = run_recipe(recipe, progress=False, overwrite=True)
         except FinetuneError as exc:  # e.g. hub weights with no network: reported, not hidden
             rows.append({"recipe": entry.name, "error": str(exc)})
             print(f"{entry.name}: not run: {exc}", file=sys.stderr)

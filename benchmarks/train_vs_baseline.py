@@ -5,7 +5,7 @@ torchvision ``ImageFolder`` + ``timm.data.create_transform(**resolve_data_config
 ``DataLoader(shuffle=True)``, ``Accelerator(cpu=True)``, one ``prepare``, AdamW at lr/25 with
 ``OneCycleLR(max_lr=lr)`` stepped per batch, cross-entropy, ``accelerator.backward``, NCHW fp32,
 every parameter trained; after each epoch an eval pass with ``gather_for_metrics``. The other
-side is the real ``finetune.train.trainer.fit`` (what ``finetune train`` runs) with its defaults except
+side is the real ``finetune.fit`` (what ``finetune train`` runs) with its defaults except
 ``strategy=full`` (so every epoch trains the whole network, as the baseline does). Both start
 from the same offline weights (``finetune.models.factory.load_model(weights="offline")``), use the same
 image folder, batch size, input size, learning rate, epochs, DataLoader workers

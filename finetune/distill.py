@@ -48,7 +48,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from timm.utils import unwrap_model  # the module inside DDP / torch.compile wrappers
 
-from finetune.convert.surgery import model_device
+from finetune.convert.macs import model_device
 from finetune.errors import FinetuneError
 
 MeanStd = Union[tuple[Sequence[float], Sequence[float]], tuple[torch.Tensor, torch.Tensor], None]

@@ -1,4 +1,4 @@
-"""A user's own model, for tests/test_builders.py: importable as ``builder_nets`` (pytest puts tests/ on
+"""A user's own model, for tests/test_models_builders.py: importable as ``builder_nets`` (pytest puts tests/ on
 sys.path, as for ``helpers``), so its builder ref is ``builder_nets:make_tiny_cnn``."""
 
 from __future__ import annotations

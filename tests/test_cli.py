@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config.recipe import SHORT_KEYS, STRATEGIES
+from finetune.config import SHORT_KEYS, STRATEGIES
 
 _SCRIPT = Path(sys.executable).with_name("finetune")
 FINETUNE = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "finetune.cli"]

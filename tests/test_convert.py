@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import randomize_bn, rel_err
+import finetune.convert.layers as convert_layers
 from finetune.convert import (
     ConversionReport,
     LayerGeometry,
@@ -32,7 +33,6 @@ from finetune.convert import (
     energy_rank,
     reestimate_batchnorm,
 )
-from finetune.convert.layers import pad_same
 from finetune.errors import FinetuneError
 
 
@@ -158,11 +158,16 @@ def test_error_decreases_with_rank(form: str) -> None:
 
 # ---------------------------------------------------------------------------- timm conv types
 
-def test_pad_same_matches_timm() -> None:
+def test_pad_same_is_timms() -> None:
+    assert convert_layers.pad_same is timm_pad_same  # SeparableConv2d pads with timm's own function
+    torch.manual_seed(0)
     for size in [(7, 7), (8, 9), (11, 4)]:
         x = torch.randn(1, 2, *size)
         for k, s, d in [((3, 3), (2, 2), (1, 1)), ((4, 5), (1, 2), (2, 1)), ((1, 1), (3, 3), (1, 1))]:
-            assert torch.equal(pad_same(x, k, s, d), timm_pad_same(x, k, s, d))
+            conv = Conv2dSame(2, 4, k, stride=s, dilation=d)
+            for form in ("A", "B"):
+                sep = SeparableConv2d.from_dense(conv, "full", form)
+                assert sep.same_pad and rel_err(sep(x), conv(x)) < 1e-5
 
 
 @pytest.mark.parametrize("form", ["A", "B"])

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import finetune.convert.latency as latency_mod
-import finetune.convert.surgery as surgery
+import finetune.convert.latency_policy as latency_policy
 from finetune.convert import convert_to_separable
 from finetune.convert.latency import LayerTiming, VariantTiming, time_layer_variants, time_modules
 from finetune.errors import FinetuneError
@@ -167,7 +167,7 @@ def fake_timer(monkeypatch, seconds_of):
         return LayerTiming(dense_s=1e-3,
                            variants={k: VariantTiming(seconds=v * 1e-3, ratio=v) for k, v in ms.items()},
                            shapes=[tuple(s[-3:]) for s in input_shapes])
-    monkeypatch.setattr(surgery, "time_layer_variants", fake)
+    monkeypatch.setattr(latency_policy, "time_layer_variants", fake)
 
 
 def test_every_variant_slower_keeps_every_layer_dense_unless_forced(monkeypatch, resnet18, x64):
@@ -214,7 +214,7 @@ def test_macs_budget_missed_message(monkeypatch, resnet18, x64):
         return LayerTiming(dense_s=1e-3, shapes=[],
                            variants={k: VariantTiming(seconds=v * 1e-3, ratio=v) for k in variants})
 
-    monkeypatch.setattr(surgery, "time_layer_variants", fake)
+    monkeypatch.setattr(latency_policy, "time_layer_variants", fake)
     sep = convert(resnet18, macs=0.4, objective="latency", example_input=x64)
     report = sep.conversion_report
     assert any("macs=0.4 cannot be met with variants measured faster than dense" in m for m in report.messages)

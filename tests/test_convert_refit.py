@@ -22,7 +22,8 @@ from torch import nn
 from helpers import randomize_bn, rel_err
 from finetune.convert import SeparableConv2d, convert_to_separable, reestimate_batchnorm
 from finetune.convert import refit as refit_module
-from finetune.convert.refit import layer_output_errors, refit_pointwise
+from finetune.convert.measure import layer_output_errors
+from finetune.convert.refit import refit_pointwise
 from finetune.errors import FinetuneError
 
 

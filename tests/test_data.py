@@ -1,4 +1,4 @@
-"""Tests for finetune.data.folder: scanning, splitting, loading, transforms, weights."""
+"""Tests for finetune.data: scanning, splitting, loading, transforms, weights."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from finetune import data
-from finetune.data.folder import (
+from finetune.data import (
     BadImageWarning,
     ImageDataset,
     Sample,
@@ -27,6 +26,7 @@ from finetune.data.folder import (
     to_rgb,
     write_skipped,
 )
+from finetune.data import files as data_files
 from finetune.errors import FinetuneError
 
 DIGITS = sorted(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
@@ -95,8 +95,8 @@ def test_split_deterministic_and_seed_dependent(digits_folder, monkeypatch):
     assert {s.path for s in a.val} != {s.path for s in c.val}
     assert len(a.val) == len(c.val) == 80
     # independent of the order the filesystem lists entries in
-    real_listdir = data._listdir
-    monkeypatch.setattr(data, "_listdir", lambda path: list(reversed(real_listdir(path))))
+    real_listdir = data_files._listdir
+    monkeypatch.setattr(data_files, "_listdir", lambda path: list(reversed(real_listdir(path))))
     d = scan_folder(digits_folder, seed=0, check_images=False)
     assert d.classes == a.classes and d.train == a.train and d.val == a.val
 

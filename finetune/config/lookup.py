@@ -1,7 +1,10 @@
-"""Finding recipes: by path, or by name among the shipped ones (``recipes/*.yaml``).
+"""Finding recipes: by path, or by name among the ones shipped inside the package.
 
-Search order for a name: the path as given, ``./recipes/NAME.yaml``, the folders listed in
-``$FINETUNE_RECIPES`` (``os.pathsep``-separated), then the ``recipes/`` folder of this checkout.
+The shipped recipes are package data, ``finetune/recipes/*.yaml`` (:data:`SHIPPED`), so an
+installed wheel finds them too; the ``recipes/*.yaml`` at the top of the repository are symlinks
+to them. Search order for a name: the path as given, ``./recipes/NAME.yaml`` (relative to the
+working directory), the folders listed in ``$FINETUNE_RECIPES`` (``os.pathsep``-separated), then
+the recipes shipped inside the package (``finetune/recipes/``); the first match wins.
 
 >>> from finetune.config.lookup import list_recipes, load_recipe
 >>> "efficientnet_lite0_folder" in [entry.name for entry in list_recipes()]
@@ -17,10 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from finetune.config.recipe import Recipe, did_you_mean
-from finetune.errors import FinetuneError
+from finetune.config.recipe import Recipe
+from finetune.errors import FinetuneError, did_you_mean
 
-SHIPPED = Path(__file__).resolve().parent.parent / "recipes"  # finetune/recipes: package data
+__all__ = ["SHIPPED", "RecipeEntry", "find_recipe", "list_recipes", "load_recipe", "recipe_dirs"]
+
+#: The recipes shipped inside the package (package data): ``finetune/recipes/*.yaml``.
+SHIPPED = Path(__file__).resolve().parent.parent / "recipes"
 
 
 @dataclass
@@ -35,7 +41,10 @@ class RecipeEntry:
 
 
 def recipe_dirs() -> list[Path]:
-    """Folders searched for recipes by name, first match wins."""
+    """Folders searched for recipes by name, first match wins: ``./recipes``, ``$FINETUNE_RECIPES``, :data:`SHIPPED`.
+
+    Folders that do not exist are left out, and each folder is listed once.
+    """
     extra = [Path(p).expanduser() for p in os.environ.get("FINETUNE_RECIPES", "").split(os.pathsep) if p]
     dirs = [Path("recipes"), *extra, SHIPPED]
     unique: list[Path] = []
@@ -46,7 +55,11 @@ def recipe_dirs() -> list[Path]:
 
 
 def find_recipe(ref: str | os.PathLike) -> Path:
-    """The recipe file for a path or a name (``mobilenetv2_lora``)."""
+    """The recipe file for a path or a name (``mobilenetv2_lora``), in the search order of this module.
+
+    >>> find_recipe("mobilenetv2_lora").name
+    'mobilenetv2_lora.yaml'
+    """
     path = Path(ref).expanduser()
     if path.is_file():
         return path

@@ -1,15 +1,24 @@
 """Dense k×k convolutions → depthwise-separable ones, initialised by per-channel SVD.
 
-Pure torch (timm only matters for the timm conv subclasses it recognises). Modules:
+Pure torch, plus timm for the conv subclasses it recognises and its ``pad_same``. Modules, each
+importing only those listed above it:
 
+* :mod:`~finetune.convert.svd` – the per-channel SVD (:class:`ChannelSVD`, :func:`channel_svd`)
+  and the MAC/parameter cost model;
 * :mod:`~finetune.convert.layers` – :class:`SeparableConv2d` (Form A / Form B, ``from_dense``,
-  ``to_dense``), the per-channel SVD and the MAC/parameter cost model;
+  ``to_dense``) and :func:`effective_weight`;
 * :mod:`~finetune.convert.policy` – rank per layer: ``rank``, ``energy``, ``macs`` budget;
-* :mod:`~finetune.convert.surgery` – :func:`convert_to_separable`, :func:`apply_plan`,
-  :class:`ConversionReport`, :func:`count_macs`;
-* :mod:`~finetune.convert.batchnorm` – :func:`reestimate_batchnorm`.
-* :mod:`~finetune.convert.latency` – measured latency: whole models (:func:`measure_latency`) and
-  one layer against its separable variants (``convert_to_separable(objective="latency")``).
+* :mod:`~finetune.convert.latency` – measured latency: whole models (``measure_latency``) and
+  one layer against its separable variants (``time_layer_variants``);
+* :mod:`~finetune.convert.report` – :class:`LayerReport`, :class:`ConversionReport`;
+* :mod:`~finetune.convert.latency_policy` – ``convert_to_separable(objective="latency")``:
+  keep only variants measured faster than the dense layer;
+* :mod:`~finetune.convert.macs` – :func:`count_macs` and running the example input;
+* :mod:`~finetune.convert.surgery` – :func:`find_convertible`, :func:`convert_to_separable`,
+  :func:`apply_plan`;
+* :mod:`~finetune.convert.batchnorm` – :func:`reestimate_batchnorm`;
+* :mod:`~finetune.convert.measure` – :func:`layer_output_errors` on calibration images;
+* :mod:`~finetune.convert.refit` – :func:`refit_pointwise`, the least-squares refit.
 
 >>> import torch, timm
 >>> from finetune.convert import convert_to_separable, reestimate_batchnorm
@@ -23,18 +32,14 @@ Pure torch (timm only matters for the timm conv subclasses it recognises). Modul
 """
 
 from finetune.convert.batchnorm import reestimate_batchnorm
-from finetune.convert.layers import ChannelSVD, SeparableConv2d, channel_svd, effective_weight
-from finetune.convert.refit import layer_output_errors, refit_pointwise
+from finetune.convert.layers import SeparableConv2d, effective_weight
+from finetune.convert.macs import count_macs
+from finetune.convert.measure import layer_output_errors
 from finetune.convert.policy import LayerGeometry, allocate_macs, energy_rank
-from finetune.convert.surgery import (
-    ConversionReport,
-    LayerReport,
-    Plan,
-    apply_plan,
-    convert_to_separable,
-    count_macs,
-    find_convertible,
-)
+from finetune.convert.refit import refit_pointwise
+from finetune.convert.report import ConversionReport, LayerReport
+from finetune.convert.surgery import Plan, apply_plan, convert_to_separable, find_convertible
+from finetune.convert.svd import ChannelSVD, channel_svd
 
 __all__ = [
     "ChannelSVD",

@@ -1,11 +1,14 @@
 """Re-estimate BatchNorm statistics after a lossy conversion.
 
 A converted layer's outputs drift from the dense ones, so the running mean/var of the BN right
-after it (and of every BN downstream) no longer match. DESIGN.md measured that recomputing them
-on a few training batches, with no gradient step, lifts a rank-1 ResNet-18 from 0.24 to 0.75
-accuracy. Hand-written because torch's ``torch.optim.swa_utils.update_bn`` puts the *whole*
-model in train mode (dropout / stochastic depth then perturb the statistics) and does not
-accept (image, label) batches with a cap on their number.
+after it (and of every BN downstream) no longer match. Measured on a ResNet-18 trained on
+Fashion-MNIST (28 px, test accuracy 0.903) converted at uniform rank, Form A, with no training:
+recomputing them on training images alone, with no gradient step, lifts test accuracy from
+0.24 / 0.33 / 0.36 to 0.75 / 0.83 / 0.87 at rank 1 / 2 / 3.
+
+Hand-written because torch's ``torch.optim.swa_utils.update_bn`` puts the *whole* model in
+train mode (dropout / stochastic depth then perturb the statistics) and does not accept
+(image, label) batches with a cap on their number.
 
 >>> import torch
 >>> from torch import nn

@@ -1,7 +1,9 @@
 """Measured inference latency: what a converter must check, because MACs are not latency.
 
-Measured on this project's 2-core CPU (DESIGN.md): a ResNet-18 at rank 3 has 2.5× fewer MACs and
-runs 0.73-0.83× as fast as the dense model. So the conversion report times both models on the
+Measured on a 2-core CPU (ResNet-18, batch 1, 2 threads): rank 1 (5.4× fewer MACs) runs 1.5–2.1×
+faster than the dense model, rank 2 (3.4× fewer) 0.8–1.0× as fast, and rank 3 (2.5× fewer)
+0.73–0.83× as fast, i.e. slower (``benchmarks/convert_resnet18.py`` measures a converted model
+end to end). So the conversion report times both models on the
 current device, at batch 1 and a larger batch, in both memory formats, and
 ``convert_to_separable(objective="latency")`` times every candidate layer variant against the
 dense layer with :func:`time_modules` (hand-written: torch has no stable latency-benchmark helper
@@ -41,7 +43,12 @@ __all__ = ["MEMORY_FORMATS", "LayerTiming", "VariantTiming", "compare_latency", 
 
 
 def memory_format_of(name: str) -> torch.memory_format:
-    """The torch memory format for ``"contiguous"`` / ``"channels_last"``."""
+    """The torch memory format for ``"contiguous"`` / ``"channels_last"`` (the keys of
+    :data:`MEMORY_FORMATS`); :class:`FinetuneError` for any other name.
+
+    >>> memory_format_of("channels_last")
+    torch.channels_last
+    """
     try:
         return MEMORY_FORMATS[name]
     except (KeyError, TypeError):
@@ -70,7 +77,12 @@ def _time_call(fn: Callable[[], object], device: torch.device, number: int = 1) 
 @torch.no_grad()
 def measure_latency(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 1,
                     memory_format: str = "contiguous", repeats: int = 5, warmup: int = 2) -> float:
-    """Median seconds of one eval-mode forward pass on ``model``'s device (model left untouched)."""
+    """Median seconds of one eval-mode forward pass on ``model``'s device (model left untouched).
+
+    >>> from torch import nn
+    >>> measure_latency(nn.Conv2d(3, 8, 3), (3, 16, 16), memory_format="channels_last", repeats=2) > 0
+    True
+    """
     probe = copy.deepcopy(model).eval()
     device = next(probe.parameters()).device
     fmt = memory_format_of(memory_format)
@@ -142,6 +154,11 @@ def compare_latency(teacher: nn.Module, student: nn.Module, input_size: tuple[in
 
     Each row: ``batch_size``, ``memory_format``, ``teacher_ms``, ``student_ms`` and ``speedup``
     (teacher time / student time; below 1 means the converted model is slower).
+
+    >>> from torch import nn
+    >>> rows = compare_latency(nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 1), (8, 16, 16), batch_sizes=(1,), repeats=2)
+    >>> [(row["batch_size"], row["memory_format"]) for row in rows], rows[0]["speedup"] > 0
+    ([(1, 'contiguous'), (1, 'channels_last')], True)
     """
     rows = []
     for batch_size in batch_sizes:
@@ -165,7 +182,12 @@ class LayerTiming:
 
     def faster(self, key: Hashable, margin: float) -> bool:
         """Whether variant ``key`` beat dense by at least ``margin`` (0.05 = 5%) both in median
-        time and in the median of paired per-round ratios."""
+        time and in the median of paired per-round ratios.
+
+        >>> timing = LayerTiming(1e-3, {"A1": VariantTiming(seconds=0.9e-3, ratio=0.97)}, [(8, 16, 16)])
+        >>> timing.faster("A1", margin=0.05), timing.faster("A1", margin=0.0)
+        (False, True)
+        """
         t = self.variants[key]
         return t.seconds <= (1.0 - margin) * self.dense_s and t.ratio <= 1.0 - margin
 

@@ -13,7 +13,7 @@ allocation (optimal for the convex relaxation), then spends what is left on the 
 single upgrades.
 
 >>> import torch
->>> from finetune.convert.layers import channel_svd
+>>> from finetune.convert.svd import channel_svd
 >>> from finetune.convert.policy import energy_rank
 >>> w = torch.zeros(4, 1, 3, 3)                  # one input channel, 4 × 9 matrix, σ = 3, 2, 1
 >>> w[0, 0, 0, 0], w[1, 0, 0, 1], w[2, 0, 0, 2] = 3.0, 2.0, 1.0
@@ -25,15 +25,17 @@ single upgrades.
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, field
 from typing import Collection, Mapping, Optional, Sequence, Tuple
 
-from finetune.convert.layers import (
+from finetune.convert.svd import (
     ChannelSVD,
     Form,
-    _pick_form,
+    RankArg,
     dense_macs,
     dense_params,
+    pick_form,
     separable_macs,
     separable_params,
 )
@@ -41,7 +43,31 @@ from finetune.errors import FinetuneError
 
 Choice = Optional[Tuple[Form, int]]  # (form, rank), or None: keep the layer dense
 
-__all__ = ["Choice", "LayerGeometry", "allocate_macs", "energy_rank", "choose_for_energy", "choose_for_rank"]
+__all__ = ["Choice", "LayerGeometry", "allocate_macs", "check_policy", "choose_for_energy", "choose_for_rank",
+           "energy_rank"]
+
+
+def check_policy(rank: RankArg | None, energy: float | None, macs: float | None) -> str:
+    """Validate that exactly one of ``rank``, ``energy``, ``macs`` is given; returns it as
+    ``"key=value"`` (the report's ``policy``). Raises :class:`FinetuneError` otherwise.
+
+    >>> check_policy(rank=None, energy=None, macs=0.4)
+    'macs=0.4'
+    """
+    given = [(k, v) for k, v in (("rank", rank), ("energy", energy), ("macs", macs)) if v is not None]
+    if len(given) != 1:
+        raise FinetuneError("pass exactly one of rank=, energy=, macs= "
+                            f"(got {', '.join(k for k, _ in given) or 'none'})")
+    key, value = given[0]
+    if key == "rank" and value != "full" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise FinetuneError(f"rank must be a positive int or 'full', got {value!r}")
+    if key == "energy" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                            or not 0.0 < float(value) <= 1.0):
+        raise FinetuneError(f"energy must be a fraction in (0, 1], got {value!r}")
+    if key == "macs" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                          or not math.isfinite(value) or value <= 0):
+        raise FinetuneError(f"macs must be a positive fraction of the original MACs, got {value!r}")
+    return f"{key}={value}"
 
 
 @dataclass
@@ -51,6 +77,10 @@ class LayerGeometry:
     ``calls`` holds ``(input pixels, output pixels)`` per image for every call seen while
     running the example input (a conv called twice counts twice); empty when unknown, and then
     :meth:`cost` falls back to a per-output-pixel estimate (``stride²`` input pixels).
+
+    >>> geom = LayerGeometry("conv", 8, 16, 1, 9, (1, 1), False, calls=[(64, 64)])
+    >>> geom.dense_cost(), geom.cost("A", 1), geom.cost("B", 1), geom.params("A", 1)
+    (73728, 17408, 12800, 272)
     """
 
     name: str
@@ -96,7 +126,13 @@ class LayerGeometry:
 def energy_rank(svd: ChannelSVD, energy: float) -> int:
     """Smallest rank (same for every channel) keeping at least ``energy`` of Σσ².
 
-    A tolerance of 1e-9 absorbs float round-off at exact boundaries (e.g. 13/14 above).
+    A tolerance of 1e-9 absorbs float round-off at exact boundaries (e.g. 13/14 in the module
+    example).
+
+    >>> import torch
+    >>> from finetune.convert.svd import channel_svd
+    >>> energy_rank(channel_svd(torch.randn(8, 16, 3, 3), form="A"), 1.0)   # all of it: exact rank
+    8
     """
     if not 0.0 < energy <= 1.0:
         raise FinetuneError(f"energy must be in (0, 1], got {energy!r}")
@@ -109,7 +145,16 @@ def energy_rank(svd: ChannelSVD, energy: float) -> int:
 
 def choose_for_rank(svds: Mapping[Form, ChannelSVD], geom: LayerGeometry, rank: int | str) -> tuple[Form, int]:
     """``rank=int|"full"``: with one form, that form at ``min(rank, exact rank)``; with both,
-    Form B only where it has no more error and no more MACs than Form A and beats it on one."""
+    Form B only where it has no more error and no more MACs than Form A and beats it on one.
+
+    >>> import torch
+    >>> from finetune.convert.svd import channel_svd
+    >>> w = torch.randn(8, 16, 3, 3)                  # more inputs than outputs: Form B is cheaper
+    >>> svds = {f: channel_svd(w, form=f) for f in ("A", "B")}
+    >>> geom = LayerGeometry("conv", 8, 16, 1, 9, (1, 1), False, calls=[(64, 64)])
+    >>> choose_for_rank({"A": svds["A"]}, geom, 99), choose_for_rank(svds, geom, "full")
+    (('A', 8), ('B', 9))
+    """
     picks = {}
     for form, svd in svds.items():
         r = svd.max_rank if rank == "full" else min(int(rank), svd.max_rank)
@@ -117,14 +162,23 @@ def choose_for_rank(svds: Mapping[Form, ChannelSVD], geom: LayerGeometry, rank: 
     if len(picks) == 1:
         form = next(iter(picks))
         return form, picks[form][0]
-    (ra, ea, ca), (rb, eb, cb) = picks["A"], picks["B"]
-    form = _pick_form(ea, ca, eb, cb)
+    (_, ea, ca), (_, eb, cb) = picks["A"], picks["B"]
+    form = pick_form(ea, ca, eb, cb)
     return form, picks[form][0]
 
 
 def choose_for_energy(svds: Mapping[Form, ChannelSVD], geom: LayerGeometry, energy: float) -> tuple[Form, int]:
     """``energy=f``: per form the smallest rank keeping ``f``; with both forms, the one with
-    fewer MACs (ties: lower error, then Form A)."""
+    fewer MACs (ties: lower error, then Form A).
+
+    >>> import torch
+    >>> from finetune.convert.svd import channel_svd
+    >>> w = torch.randn(8, 16, 3, 3)
+    >>> svds = {f: channel_svd(w, form=f) for f in ("A", "B")}
+    >>> geom = LayerGeometry("conv", 8, 16, 1, 9, (1, 1), False, calls=[(64, 64)])
+    >>> choose_for_energy(svds, geom, 1.0)            # both exact; Form B needs fewer MACs here
+    ('B', 9)
+    """
     best: tuple[float, float, int, Form] | None = None
     for form, svd in svds.items():
         r = energy_rank(svd, energy)
@@ -192,7 +246,7 @@ def allocate_macs(
     Raises :class:`FinetuneError` when even the cheapest option of every layer does not fit.
 
     >>> import torch
-    >>> from finetune.convert.layers import channel_svd
+    >>> from finetune.convert.svd import channel_svd
     >>> geom = LayerGeometry("conv", 8, 8, 1, 9, (1, 1), False, calls=[(64, 64)])
     >>> svds = {"A": channel_svd(torch.randn(8, 8, 3, 3), form="A")}
     >>> allocate_macs([(geom, svds)], budget=geom.dense_cost())      # dense fits: keep it exact

@@ -1,10 +1,39 @@
-"""Image data: folder scanning and checks, decoding, datasets and transforms, the seeded sampler,
-and the embedded demo data set.
+"""Image data: which files are images (:mod:`~finetune.data.files`), decoding and checking them
+(:mod:`~finetune.data.images`), class folders and their train/val split (:mod:`~finetune.data.folder`),
+datasets, transforms and loaders (:mod:`~finetune.data.dataset`), the seeded sampler
+(:mod:`~finetune.data.sampling`) and the embedded demo data set (:mod:`~finetune.data.demo`).
 
->>> from finetune.data import scan_folder, build_transform  # doctest: +SKIP
+>>> from finetune.data import IMAGE_EXTENSIONS, draft_size
+>>> ".jpg" in IMAGE_EXTENSIONS, draft_size({"input_size": (3, 96, 96)})
+(True, 192)
 """
 
-from finetune.data.folder import *  # noqa: F401,F403
-from finetune.data.folder import (FolderSplit, ImageDataset, Sample, Skipped, build_transform,  # noqa: F401
-                                  class_weights, draft_size, eval_loader, is_unlabelled_folder, list_images,
-                                  load_rgb, scan_folder, scan_labelled, scan_unlabelled, to_rgb, write_skipped)
+from __future__ import annotations
+
+from finetune.data.dataset import BadImageWarning, ImageDataset, build_transform, class_weights, draft_size, eval_loader
+from finetune.data.files import IMAGE_EXTENSIONS, Skipped, list_images, write_skipped
+from finetune.data.folder import (VAL_DIR_NAMES, FolderSplit, Sample, is_unlabelled_folder, scan_folder, scan_labelled,
+                                  scan_unlabelled)
+from finetune.data.images import load_rgb, to_rgb
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "VAL_DIR_NAMES",
+    "BadImageWarning",
+    "FolderSplit",
+    "ImageDataset",
+    "Sample",
+    "Skipped",
+    "build_transform",
+    "class_weights",
+    "draft_size",
+    "eval_loader",
+    "is_unlabelled_folder",
+    "list_images",
+    "load_rgb",
+    "scan_folder",
+    "scan_labelled",
+    "scan_unlabelled",
+    "to_rgb",
+    "write_skipped",
+]

@@ -87,7 +87,7 @@ def describe_preprocessing(data_config: dict[str, Any]) -> dict[str, Any]:
         "dtype": "float32",
         "channel_order": "RGB",
         "decode": "8-bit RGB with EXIF orientation applied; greyscale replicated to 3 channels; transparency "
-                  "composited on white (finetune.data.folder.load_rgb)",
+                  "composited on white (finetune.data.images.load_rgb)",
         **geometry,
         "scale": {"divide_by": 255.0, "rule": "x = pixel / 255 as float32, giving [0, 1]"},
         "normalize": {"mean": mean, "std": std, "rule": "x[c] = (x[c] - mean[c]) / std[c], channels in RGB order"},

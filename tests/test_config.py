@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.config.recipe import MIXED_PRECISION, SECTIONS, SHORT_KEYS, STRATEGIES, Recipe, field_specs
+from finetune.config import MIXED_PRECISION, SECTIONS, SHORT_KEYS, STRATEGIES, Recipe, field_specs
 from finetune.errors import FinetuneError
 from finetune.config.lookup import SHIPPED, find_recipe, list_recipes, load_recipe
 
@@ -54,7 +54,7 @@ def test_defaults_and_the_short_form() -> None:
 
 
 def test_sections_as_objects_mappings_and_shorthand_agree() -> None:
-    from finetune.config.recipe import DataConfig, OptimConfig
+    from finetune.config import DataConfig, OptimConfig
 
     a = Recipe(data=DataConfig(root="x", batch_size=8), optim=OptimConfig(lr=3e-4), strategy="probe")
     b = Recipe(data={"root": "x", "batch_size": 8}, optim={"lr": "3e-4"}, strategy={"name": "probe"})
