@@ -9,7 +9,7 @@ side is the real ``finetune.fit`` (what ``finetune train`` runs) with its defaul
 ``strategy=full`` (so every epoch trains the whole network, as the baseline does). Both start
 from the same offline weights (``finetune.models.factory.load_model(weights="offline")``), use the same
 image folder, batch size, input size, learning rate, epochs, DataLoader workers
-(``finetune.train.trainer.default_num_workers()``) and ``torch.set_num_threads(--threads)``.
+(``finetune.train.build.default_num_workers()``) and ``torch.set_num_threads(--threads)``.
 
 Throughput: images/s of the training loop only (validation excluded), over the epochs after the
 first (warm-up); for ``finetune`` from ``RUN/log.csv`` ``train_images_per_s``. The two loops
@@ -58,7 +58,8 @@ from torchvision.datasets import ImageFolder
 from finetune import Recipe
 from finetune.data.demo import write_demo_folder
 from finetune.rundir import load_model
-from finetune.train.trainer import default_num_workers, fit
+from finetune.train import fit
+from finetune.train.build import default_num_workers
 
 MODELS = ("tf_efficientnet_lite0", "mobilenetv2_100")
 BAR_SIZES = (128, 224)  # the bar: finetune >= BAR x baseline at these sizes, both models

@@ -95,9 +95,9 @@ def _without_launch_flags(argv: Sequence[str]) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     recipe = _recipe_from_args(args)  # validated before the heavy import, so mistakes answer at once
-    if args.num_processes < 1 or args.num_machines < 1 or not 0 <= args.machine_rank < args.num_machines:
-        raise FinetuneError(f"--num-processes {args.num_processes} --num-machines {args.num_machines} --machine-rank "
-                            f"{args.machine_rank}: need at least 1 process and 1 machine, and 0 <= rank < machines")
+    from finetune.train.launch import check_process_counts
+
+    check_process_counts(args.num_processes, args.num_machines, args.machine_rank)
     if (args.num_processes > 1 or args.num_machines > 1) and "WORLD_SIZE" not in os.environ:
         from finetune.train.launch import launch
 

@@ -148,7 +148,10 @@ def _build_run_model(meta: Mapping[str, Any]) -> torch.nn.Module:
     return model
 
 
-def load_run(run_dir: Path, img_size: int | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_run(run_dir: str | os.PathLike, img_size: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model of a run directory (architecture or builder, separable plan, weights checked
+    strictly) and its data config; ``model.pretrained_cfg["label_names"]`` holds the class names."""
+    run_dir = Path(run_dir).expanduser()
     meta = read_run_meta(run_dir)
     classes = list(meta["classes"])
     weights_file = run_dir / RUN_WEIGHTS
@@ -168,8 +171,6 @@ def load_run(run_dir: Path, img_size: int | None) -> tuple[torch.nn.Module, dict
                             "label_names": classes, "num_classes": len(classes),
                             "weights_source": f"the trained run `{run_dir}`"}
     return model, data_config
-
-
 
 
 # --------------------------------------------------------------------------- writing

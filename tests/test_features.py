@@ -11,7 +11,7 @@ import timm
 import torch
 
 from finetune import Recipe, fit
-from finetune.data.folder import ImageDataset, build_transform, scan_folder
+from finetune.data import ImageDataset, build_transform, scan_folder
 from finetune.train.features import FeatureCache, HeadOnly, cache_unusable_reason
 
 TINY = dict(model="mobilenetv2_100", weights="offline", img_size=32, batch_size=32, seed=0,

@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from finetune import Recipe, fit, load_model, lr_find
-from finetune.data.folder import build_transform, scan_folder
+from finetune.data import build_transform, scan_folder
 from finetune.rundir import RUN_WEIGHTS
+from finetune.train.build import build_loss
 from finetune.train.checkpoints import find_checkpoint
 from finetune.train.optim import body_stage_ids, build_optimizer, build_scheduler, plan_phases, set_trainable
-from finetune.train.trainer import build_loss
 
 TINY = dict(model="mobilenetv2_100", weights="offline", img_size=32, batch_size=32, seed=0,
             memory_format="contiguous")

@@ -170,6 +170,14 @@ def test_run_dir_inside_data_is_refused_and_nothing_written(digits_folder):
     assert sorted(p.name for p in digits_folder.iterdir()) == before
 
 
+def test_fit_refuses_a_convert_pipeline_in_one_line(digits_folder, tmp_path):
+    from finetune.errors import FinetuneError
+
+    with pytest.raises(FinetuneError, match=r"finetune\.run_recipe\(recipe\)") as caught:
+        fit(Recipe(data=str(digits_folder), task="convert", out=str(tmp_path / "c")), progress=False)
+    assert "\n" not in str(caught.value) and not (tmp_path / "c").exists()
+
+
 def test_overwrite_removes_stale_artefacts(messy_folder, digits_folder, tmp_path):
     out = tmp_path / "run"
     cfg = dict(model="mobilenetv2_100", weights="offline", epochs=1, strategy="probe", img_size=32, out=str(out))

@@ -25,7 +25,7 @@ from finetune.convert import count_macs
 from finetune.convert.latency import measure_latency
 from finetune.inference import evaluate
 from finetune.rundir import load_model, read_run_meta, update_meta
-from finetune.train.trainer import fit
+from finetune.train import fit
 
 
 def compare(

@@ -19,7 +19,7 @@ from typing import Any
 from finetune.io import write_json
 from finetune.config import Recipe
 from finetune.data.demo import write_demo_folder
-from finetune.train.trainer import fit
+from finetune.train import fit
 
 #: The demo's training settings: one budget, shared by the pretrained and the scratch run.
 DEMO_SETTINGS: dict[str, Any] = dict(model="tf_efficientnet_lite0", epochs=6, head_epochs=1, img_size=96,

@@ -33,8 +33,9 @@ from safetensors.torch import load_file
 
 from finetune.io import atomic_path, fsync_dir, model_state_dict, safe_torch_load, save_weights, write_text
 from finetune.errors import FinetuneError
+from finetune.rundir import RUN_CHECKPOINTS
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = RUN_CHECKPOINTS
 LATEST = "latest"
 COMPLETE = "trainer.pt"  # written last: a directory without it is not a checkpoint
 
@@ -63,6 +64,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the generator states :func:`rng_state` returned (CUDA ones only where CUDA is present)."""
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))

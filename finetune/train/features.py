@@ -16,7 +16,12 @@ architecture, the backbone's weights, the transform, the data files (path, size,
 seed and the view, so a second probe of the same data (another LR, more epochs) starts from
 them; any change to model, weights, transform or data gives a new key.
 
->>> from finetune.train.features import cache_unusable_reason                     # doctest: +SKIP
+>>> import timm
+>>> net = timm.create_model("mobilenetv3_small_050", num_classes=3)
+>>> cache_unusable_reason(net, freeze_bn=True, mixes=False, distills=False, lora=False) is None
+True
+>>> cache_unusable_reason(net, freeze_bn=True, mixes=True, distills=False, lora=False)
+'mixup/cutmix mix images, not features'
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from finetune.io import save_weights
-from finetune.data.folder import ImageDataset
+from finetune.data import ImageDataset
 from finetune.data.sampling import EpochSampler, SeededAugmentation
 from finetune.models.weights import cache_dir
 
@@ -61,9 +66,11 @@ class HeadOnly(nn.Module):
         self.dropout = nn.Dropout(float(getattr(model, "drop_rate", 0.0) or 0.0))
 
     def get_classifier(self) -> nn.Module:
+        """The shared classifier (timm's name for it, so optimiser helpers find the head)."""
         return self.classifier
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from pooled backbone features."""
         return self.classifier(self.dropout(features))
 
 
@@ -117,11 +124,13 @@ class FeatureCache:
         return (head_epoch - 1) % self.views + 1
 
     def train_features(self, view: int) -> torch.Tensor:
+        """Pooled features of every training image under augmentation epoch ``view`` (memory, disk, or computed)."""
         n = len(self.train)
         keyed = SeededAugmentation(self.train, self.seed)
         return self._get(f"train-v{view}", lambda: self._compute(keyed, [view * n + i for i in range(n)]))
 
     def val_features(self) -> torch.Tensor:
+        """Pooled features of the validation images (eval transform)."""
         return self._get("val", lambda: self._compute(self.val, list(range(len(self.val)))))
 
     def _get(self, name: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -159,6 +168,7 @@ class FeatureCache:
         return loader, sampler
 
     def val_loader(self, batch_size: int) -> DataLoader:
+        """Cached validation features in the image loader's (unshuffled) order."""
         labels = torch.tensor(self.val.labels)
         return DataLoader(_Keyed(self.val_features(), labels), batch_size=batch_size, shuffle=False)
 

@@ -51,12 +51,23 @@ def worker_env(local_rank: int, nproc: int, machine_rank: int, num_machines: int
             "MASTER_ADDR": ip, "MASTER_PORT": str(port)}
 
 
+def check_process_counts(num_processes: int, num_machines: int, machine_rank: int) -> None:
+    """Refuse impossible ``--num-processes/--num-machines/--machine-rank`` with one line.
+
+    >>> check_process_counts(2, 2, 1)
+    >>> check_process_counts(2, 2, 2)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    finetune.errors.FinetuneError: --num-processes 2 --num-machines 2 --machine-rank 2: need at least 1 process ...
+    """
+    if num_processes < 1 or num_machines < 1 or not 0 <= machine_rank < num_machines:
+        raise FinetuneError(f"--num-processes {num_processes} --num-machines {num_machines} --machine-rank "
+                            f"{machine_rank}: need at least 1 process and 1 machine, and 0 <= rank < machines")
+
+
 def launch(argv: Sequence[str], nproc: int, num_machines: int = 1, machine_rank: int = 0,
            ip: str = "127.0.0.1", port: int | None = None) -> int:
     """Run ``finetune <argv>`` in ``nproc`` processes here; returns the exit code of the group."""
-    if nproc < 1 or num_machines < 1 or not 0 <= machine_rank < num_machines:
-        raise FinetuneError(f"--num-processes {nproc}, --num-machines {num_machines}, --machine-rank "
-                            f"{machine_rank}: need N >= 1, M >= 1 and 0 <= rank < M")
+    check_process_counts(nproc, num_machines, machine_rank)
     if num_machines > 1 and port is None:
         raise FinetuneError("--main-process-port is required with --num-machines > 1 (the same on every machine)")
     port = port or free_port()

@@ -1,4 +1,4 @@
-"""One training epoch and one prediction pass, written the way accelerate's ``cv_example.py`` is.
+"""One training epoch and one prediction pass, written the way accelerate's computer-vision example is.
 
 These are the inner loops of :func:`finetune.train.trainer.fit`; they know nothing about recipes.
 """
@@ -95,9 +95,10 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: LossFn,
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, accelerator: Accelerator, memory_format: torch.memory_format,
-            progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of the whole loader, gathered across processes without padded duplicates."""
+def gather_logits(model: nn.Module, loader, accelerator: Accelerator, memory_format: torch.memory_format,
+                  progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of the whole loader, gathered across processes without padded duplicates (the
+    training loop's validation pass; for predictions on image files see :func:`finetune.predict`)."""
     model.eval()
     all_logits, all_labels = [], []
     for images, labels in tqdm(loader, leave=False, disable=not (progress and accelerator.is_local_main_process)):

@@ -24,15 +24,16 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from torch import nn
+from torch.utils.data import DataLoader
 
-from finetune.io import atomic_path
-from finetune.config.recipe import Recipe
-from finetune.data.folder import scan_folder
+from finetune.config import Recipe
+from finetune.data import scan_folder
 from finetune.errors import FinetuneError
-from finetune.train.loop import freeze_bn_stats
-from finetune.rundir import read_run_meta
-from finetune.train.optim import body_stage_ids, build_optimizer, plan_phases, set_trainable
-from finetune.train.trainer import build_loaders, build_loss, build_model_for
+from finetune.io import atomic_path
+from finetune.train.build import build_loaders, build_loss, build_model, build_phases, source_run_meta
+from finetune.train.loop import LossFn, Mixer, freeze_bn_stats
+from finetune.train.optim import build_optimizer, set_trainable
 
 
 @dataclass
@@ -79,39 +80,48 @@ def lr_find(recipe: Recipe, out: str | os.PathLike | None = "lr_find.png", steps
     if steps < 10:
         raise FinetuneError(f"--steps {steps}: use at least 10 (100 is typical)")
     data_root = recipe.require_data()
-    source_meta = read_run_meta(recipe.model.name) if recipe.starts_from_run else None
+    source_meta = source_run_meta(recipe)
     torch.manual_seed(recipe.runtime.seed)
     split = scan_folder(data_root, val_fraction=recipe.data.val_fraction, seed=recipe.runtime.seed,
                         check_images=recipe.data.check_images)
-    model, data_config, pretrained = build_model_for(recipe, split, source_meta, unlabelled=False)
-    if recipe.lora.enabled:
-        from finetune.adapters import apply_lora
-
-        model = apply_lora(model, r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
-                           targets=recipe.lora.targets)
+    built = build_model(recipe, split, source_meta, unlabelled=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device)
-    stages = max(body_stage_ids(model).values()) + 1 if recipe.resolved_strategy == "gradual" else None
-    phase = plan_phases(recipe, stages)[0]
+    model = built.model.to(device)
+    phase = build_phases(recipe, model)[0]
     set_trainable(model, phase)
     optimizer = build_optimizer(model, phase, recipe)
-    ratios = [group["lr"] / phase.head_lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
-    train_loader, _ = build_loaders(recipe, split, data_config)
+    train_loader, _ = build_loaders(recipe, split, built.data_config)
     loss_fn, mixer = build_loss(recipe, split, device)
-    freeze_bn = recipe.strategy.bn == "frozen" or (recipe.strategy.bn == "auto" and pretrained)
-
     model.train()
-    if freeze_bn:
+    if built.freeze_bn:
         freeze_bn_stats(model)
+    lrs, losses, smoothed = _sweep(model, optimizer, phase.head_lr, train_loader, loss_fn, mixer, device,
+                                   steps=steps, start_lr=start_lr, end_lr=end_lr, smoothing=smoothing,
+                                   diverge=diverge)
+    suggestion, min_lr = suggest_lr(lrs, smoothed)
+    result = LrFindResult(lrs=lrs, losses=losses, smoothed=smoothed, suggestion=suggestion, min_loss_lr=min_lr,
+                          phase=phase.name)
+    if out is not None:
+        result.plot = Path(out).expanduser()
+        _plot(result, result.plot, f"{recipe.model.name}, phase `{phase.name}`")
+    return result
+
+
+def _sweep(model: nn.Module, optimizer: torch.optim.Optimizer, head_lr: float, loader: DataLoader, loss_fn: LossFn,
+           mixer: Mixer | None, device: torch.device, *, steps: int, start_lr: float, end_lr: float,
+           smoothing: float, diverge: float) -> tuple[list[float], list[float], list[float]]:
+    """Train ``steps`` updates at exponentially rising LRs (every group keeps its ratio to the head's);
+    returns the LRs, raw losses and bias-corrected smoothed losses until a stop."""
+    ratios = [group["lr"] / head_lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
     factor = (end_lr / start_lr) ** (1 / (steps - 1))
     lrs, losses, smoothed = [], [], []
     average, best = 0.0, math.inf
-    batches = iter(train_loader)
+    batches = iter(loader)
     for step in range(steps):
         try:
             images, labels = next(batches)
         except StopIteration:
-            batches = iter(train_loader)
+            batches = iter(loader)
             images, labels = next(batches)
         images, labels = images.to(device), labels.to(device)
         targets = labels
@@ -134,16 +144,11 @@ def lr_find(recipe: Recipe, out: str | os.PathLike | None = "lr_find.png", steps
         best = min(best, value)
         if step > 10 and value > diverge * best:
             break
-    suggestion, min_lr = suggest_lr(lrs, smoothed)
-    result = LrFindResult(lrs=lrs, losses=losses, smoothed=smoothed, suggestion=suggestion, min_loss_lr=min_lr,
-                          phase=phase.name)
-    if out is not None:
-        result.plot = Path(out).expanduser()
-        _plot(result, result.plot, f"{recipe.model.name}, phase `{phase.name}`")
-    return result
+    return lrs, losses, smoothed
 
 
 def _plot(result: LrFindResult, path: Path, title: str) -> None:
+    """Raw and smoothed loss against the LR (log scale), with the two suggestions marked."""
     fig = Figure(figsize=(6, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)

@@ -40,6 +40,7 @@ class Phase:
 
     @property
     def trains_body(self) -> bool:
+        """Whether any body parameter trains in this phase."""
         return self.trainable != "head"
 
 

@@ -16,9 +16,10 @@ from accelerate import Accelerator
 from torch import nn
 
 from finetune.config.recipe import Recipe
-from finetune.data.folder import FolderSplit, write_skipped
+from finetune.data import FolderSplit, write_skipped
 from finetune.errors import FinetuneError
-from finetune.rundir import RUN_ARTEFACTS, RUN_RECIPE, RUN_SKIPPED, make_run_meta
+from finetune.rundir import RUN_ARTEFACTS, RUN_CHECKPOINTS, RUN_RECIPE, RUN_SKIPPED, make_run_meta
+from finetune.train.checkpoints import find_checkpoint
 
 
 def check_run_dir(recipe: Recipe, overwrite: bool) -> Path:
@@ -60,8 +61,6 @@ def recipe_for_disk(recipe: Recipe, run_dir: Path) -> Recipe:
 
 def resume_checkpoint(recipe: Recipe, run_dir: Path) -> Path | None:
     """The checkpoint to resume from (``runtime.resume``), after checking the run is the same run."""
-    from finetune.train.checkpoints import find_checkpoint
-
     if recipe.runtime.resume is None:
         return None
     saved = Recipe.from_yaml(run_dir / RUN_RECIPE).to_dict()
@@ -82,7 +81,7 @@ def resume_checkpoint(recipe: Recipe, run_dir: Path) -> Path | None:
     checkpoint = Path(recipe.runtime.resume)
     if not checkpoint.is_dir():
         raise FinetuneError(f"--resume `{checkpoint}`: no such checkpoint directory; use --resume alone for the "
-                            f"latest one in {run_dir / 'checkpoints'}")
+                            f"latest one in {run_dir / RUN_CHECKPOINTS}")
     return checkpoint
 
 
