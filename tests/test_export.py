@@ -297,7 +297,7 @@ def test_errors_name_the_problem_and_the_fix(runs, tmp_path, monkeypatch):
 
 
 def test_failed_parity_writes_nothing(runs, tmp_path, monkeypatch):
-    import finetune.export as export
+    import finetune.export.runner as export
 
     real = export._onnx_runner
     monkeypatch.setattr(export, "_onnx_runner", lambda path: (lambda x, run=real(path): run(x) + 1e-3))
@@ -312,7 +312,10 @@ def test_failed_parity_writes_nothing(runs, tmp_path, monkeypatch):
 def test_module_doctests():
     import doctest
 
-    import finetune.export as export
+    import finetune.export.runner as runner
+    import finetune.export.sidecar as sidecar
 
-    result = doctest.testmod(export, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0 and result.attempted > 0
+    for module in (runner, sidecar):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, module.__name__
+    assert doctest.testmod(sidecar).attempted > 0
