@@ -7,7 +7,7 @@ torchvision ``ImageFolder`` + ``timm.data.create_transform(**resolve_data_config
 every parameter trained; after each epoch an eval pass with ``gather_for_metrics``. The other
 side is the real ``finetune.fit`` (what ``finetune train`` runs) with its defaults except
 ``strategy=full`` (so every epoch trains the whole network, as the baseline does). Both start
-from the same offline weights (``finetune.models.factory.load_model(weights="offline")``), use the same
+from the same offline weights (``finetune.load_model(weights="offline")``), use the same
 image folder, batch size, input size, learning rate, epochs, DataLoader workers
 (``finetune.train.build.default_num_workers()``) and ``torch.set_num_threads(--threads)``.
 

@@ -72,7 +72,7 @@ LAUNCH_FLAGS = {"--num-processes": True, "--num-machines": True, "--machine-rank
 def _add_launch_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("several processes (DDP; gloo on CPU, NCCL on GPUs)")
     group.add_argument("--num-processes", type=int, default=1, metavar="N",
-                       help="training processes on this machine (one process group; see finetune/launch.py)")
+                       help="training processes on this machine (one process group; see finetune/train/launch.py)")
     group.add_argument("--num-machines", type=int, default=1, metavar="M", help="machines taking part")
     group.add_argument("--machine-rank", type=int, default=0, metavar="R", help="this machine's rank, 0..M-1")
     group.add_argument("--main-process-ip", default="127.0.0.1", help="address of machine 0")

@@ -1,4 +1,4 @@
-"""ONNX / TorchScript export of run directories (finetune/export.py).
+"""ONNX / TorchScript export of run directories (finetune/export/).
 
 Run directories are written by hand here (model.safetensors + model.json), at 64 px, with random
 BatchNorm statistics (so no BN is an identity) and the head scaled to logits of at most 8 on the
