@@ -10,7 +10,7 @@ configured by (:mod:`~finetune.config.sections`), the :class:`Recipe` that holds
 from __future__ import annotations
 
 from finetune.config.choices import (AUTO_AUGMENT, BN_MODES, MEMORY_FORMATS, MIXED_PRECISION, OBJECTIVES, STRATEGIES,
-                                     TASKS)
+                                     TASKS, TRACKERS)
 from finetune.config.lookup import SHIPPED, RecipeEntry, find_recipe, list_recipes, load_recipe, recipe_dirs
 from finetune.config.recipe import SECTION_SHORTHAND, SHORT_KEYS, Recipe
 from finetune.config.sections import (SECTIONS, AugmentConfig, ConvertConfig, DataConfig, DistillConfig, LoraConfig,
@@ -28,6 +28,7 @@ __all__ = [
     "SHORT_KEYS",
     "STRATEGIES",
     "TASKS",
+    "TRACKERS",
     "AugmentConfig",
     "ConvertConfig",
     "DataConfig",

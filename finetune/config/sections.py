@@ -25,7 +25,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from finetune.config.choices import AUTO_AUGMENT, BN_MODES, MEMORY_FORMATS, MIXED_PRECISION, OBJECTIVES, STRATEGIES
+from finetune.config.choices import (AUTO_AUGMENT, BN_MODES, MEMORY_FORMATS, MIXED_PRECISION, OBJECTIVES, STRATEGIES,
+                                    TRACKERS)
 from finetune.errors import FinetuneError, did_you_mean
 
 __all__ = [
@@ -276,6 +277,9 @@ class RuntimeConfig(_Section):
     keep_checkpoints: int = field(default=2, metadata=_help("complete checkpoints kept in RUN/checkpoints"))
     resume: str | None = field(default=None, metadata=_help("continue the run in runtime.out from its latest "
                                                             "checkpoint (latest) or from a checkpoint directory"))
+    report_to: str = field(default="none", metadata=_help(
+        "experiment trackers through accelerate, comma-separated: " + ", ".join(TRACKERS) + "; all (every one "
+        "installed) or none; their logs go in the run directory"))
 
     def check(self) -> None:
         self._at_least("seed", 0)
@@ -283,6 +287,31 @@ class RuntimeConfig(_Section):
         self._at_least("keep_checkpoints", 1)
         if self.resume is not None:
             self.resume = os.path.expanduser(self.resume)
+        self.report_to = _tracker_names(self.report_to)
+
+
+def _tracker_names(value: str) -> str:
+    """``runtime.report_to`` normalised: ``none``, ``all`` or known tracker names joined by commas.
+
+    >>> _tracker_names(" TensorBoard, mlflow,tensorboard")
+    'tensorboard,mlflow'
+    >>> _tracker_names("tensorbord")
+    Traceback (most recent call last):
+    ...
+    finetune.errors.FinetuneError: runtime.report_to: `tensorbord` is not a tracker; did you mean `tensorboard`? choose from tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive, swanlab, trackio, all or none
+    """
+    names = list(dict.fromkeys(n.strip().lower() for n in value.split(",") if n.strip()))
+    if not names or names == ["none"]:
+        return "none"
+    known = (*TRACKERS, "all", "none")
+    for name in names:
+        if name not in known:
+            raise FinetuneError(f"runtime.report_to: `{name}` is not a tracker; {did_you_mean(name, known)}"
+                                f"choose from {', '.join(TRACKERS)}, all or none")
+    if len(names) > 1 and ("none" in names or "all" in names):
+        raise FinetuneError(f"runtime.report_to: `{value}` mixes all/none with other names; give all or none "
+                            "alone, or a list of trackers")
+    return ",".join(names)
 
 
 SECTIONS: dict[str, type[_Section]] = {

@@ -27,14 +27,15 @@ def freeze_bn_stats(model: nn.Module) -> None:
 
 def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: LossFn, accelerator: Accelerator, *,
                 freeze_bn: bool, memory_format: torch.memory_format, updates: int, desc: str, progress: bool,
-                mixer: Mixer | None = None, on_update: Callable[[int], None] | None = None,
+                mixer: Mixer | None = None, on_update: Callable[[int, torch.Tensor], None] | None = None,
                 epoch: int | None = None, skip: int = 0, sums: list[float] | None = None,
                 on_step: Callable[[int, int, Callable[[], list[float]]], None] | None = None,
                 ) -> tuple[float, float, int, int, list[float]]:
     """Train one epoch; returns (mean loss, top-1 on the un-mixed labels, images, updates, mean LR per group).
 
-    ``mixer`` (timm ``Mixup``) turns labels into soft targets for the loss; ``on_update(updates)``
-    runs after every optimizer update (the EMA hooks in there). ``epoch`` goes to the sampler
+    ``mixer`` (timm ``Mixup``) turns labels into soft targets for the loss; ``on_update(updates, loss)``
+    runs after every optimizer update (the EMA and the trackers hook in there; ``loss`` is the
+    last batch's, still on the device). ``epoch`` goes to the sampler
     (the shuffled order is a function of it). Resuming mid-epoch: ``skip``
     batches are passed over without loading them (``accelerator.skip_first_batches``) and
     ``sums`` restores this process's running totals; ``on_step(batches_done, updates, get_sums)``
@@ -78,7 +79,7 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: LossFn,
             updates += 1
             scheduler.step_update(updates)
             if on_update is not None:
-                on_update(updates)
+                on_update(updates, loss.detach())
         lr_sums = [acc + group["lr"] for acc, group in zip(lr_sums, optimizer.param_groups)]
         total_loss += loss.detach() * labels.size(0)
         correct += (logits.detach().argmax(1) == labels).sum()

@@ -36,6 +36,7 @@ from finetune.train.checkpoints import Position, save_checkpoint as write_checkp
 from finetune.train.features import FeatureCache, HeadOnly
 from finetune.train.loop import LossFn, gather_logits, train_epoch
 from finetune.train.optim import Phase, build_optimizer, build_scheduler, set_trainable
+from finetune.train.tracking import log_epoch, log_update
 
 
 @dataclass
@@ -128,11 +129,12 @@ class TrainingSession:
                    "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None},
             rank_state={"sums": sums}, keep=self.recipe.runtime.keep_checkpoints)
 
-    def on_update(self, updates: int) -> None:
-        """After every optimizer update: count it and move the EMA."""
+    def on_update(self, updates: int, loss: torch.Tensor) -> None:
+        """After every optimizer update: count it, move the EMA, report the loss to the trackers (if any)."""
         self.total_updates += 1
         if self.ema is not None:
             self.ema.update(self.accelerator.unwrap_model(self.model), step=self.total_updates)
+        log_update(self.accelerator, self.total_updates, loss, self.optimizer.param_groups[0]["lr"])
 
     def on_step(self, phase_index: int, epoch: int, epoch_batches: int, batches: int, updates: int,
                 get_sums: Callable[[], list[float]]) -> None:
@@ -216,6 +218,7 @@ class TrainingSession:
             "train_images_per_s": seen / max(train_seconds, 1e-9),
         }
         self.history.append(row)
+        log_epoch(accelerator, row)
         accelerator.print(
             f"epoch {epoch}/{recipe.optim.epochs} [{phase.name}] train loss {train_loss:.4f} acc "
             f"{train_top1:.3f} | val{' (EMA)' if self.ema else ''} loss {val_loss:.4f} acc {val_top1:.3f} | "

@@ -41,6 +41,7 @@ from finetune.train.outputs import (check_run_dir, create_run_dir, model_meta, r
                                     resume_checkpoint)
 from finetune.train.session import RunData, TrainingSession
 from finetune.train.teacher import finish_distillation, start_distillation
+from finetune.train.tracking import end_tracking, start_tracking, tracking
 
 
 @dataclass
@@ -70,8 +71,17 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
                             "finetune.run_recipe(recipe) or `finetune train RECIPE`")
     started = time.perf_counter()
     source_meta = check_sources(recipe)  # cheap mistakes first: nothing scanned or created before these
-    accelerator = make_accelerator(recipe)
     run_dir = check_run_dir(recipe, overwrite)
+    accelerator = make_accelerator(recipe, run_dir)  # a tracker not installed fails here
+    try:
+        return _fit(recipe, accelerator, run_dir, source_meta, started, progress, overwrite)
+    finally:
+        end_tracking(accelerator)  # trackers flushed and closed, also when training raises
+
+
+def _fit(recipe: Recipe, accelerator: Accelerator, run_dir: Path, source_meta: dict[str, Any] | None,
+         started: float, progress: bool, overwrite: bool) -> FitResult:
+    """:func:`fit` once the recipe, the sources and the run directory are checked."""
     checkpoint = resume_checkpoint(recipe, run_dir)
     resumed = open_checkpoint(checkpoint, accelerator)
     split, unlabelled = scan_data(recipe, source_meta)
@@ -88,6 +98,7 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
     if accelerator.is_main_process and checkpoint is None:
         write_meta(run_dir, meta)
         write_text(run_dir / RUN_RECIPE, recipe_for_disk(recipe, run_dir).to_yaml())
+    start_tracking(accelerator, recipe_for_disk(recipe, run_dir))
     model, data = prepare_data(recipe, split, built, accelerator, resumed["memory_format"] if resumed else None)
     meta["memory_format"] = format_label(data.memory_format)
     loss_fn, mixer = build_loss(recipe, split, accelerator.device)
@@ -138,15 +149,17 @@ def check_sources(recipe: Recipe) -> dict[str, Any] | None:
     return source_meta
 
 
-def make_accelerator(recipe: Recipe) -> Accelerator:
-    """The run's ``Accelerator`` (mixed precision, gradient accumulation), fresh for every fit()."""
+def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
+    """The run's ``Accelerator`` (mixed precision, gradient accumulation, the recipe's trackers writing
+    under ``run_dir``), fresh for every fit()."""
+    trackers = tracking(recipe, run_dir)  # before accelerate's state is touched: a missing package is one line
     # accelerate keeps one AcceleratorState per process and refuses a second fit() with another
     # mixed precision (notebooks, the demo); drop it, keeping the process group (PartialState).
     AcceleratorState._reset_state(reset_partial_state=False)
     # cpu=True without CUDA: accelerate 1.15 only forms a gloo process group under torchrun (world
     # size > 1) when told the run is on CPU; otherwise each process would train alone.
     return Accelerator(mixed_precision=recipe.runtime.mixed_precision, cpu=not torch.cuda.is_available(),
-                       gradient_accumulation_steps=recipe.optim.grad_accum)
+                       gradient_accumulation_steps=recipe.optim.grad_accum, **trackers)
 
 
 def open_checkpoint(checkpoint: Path | None, accelerator: Accelerator) -> dict[str, Any] | None:
