@@ -21,7 +21,7 @@ from finetune.io import write_json, write_text
 from finetune.data import eval_loader, list_images, scan_labelled, write_skipped
 from finetune.errors import FinetuneError
 from finetune.metrics import classification_metrics, plot_confusion
-from finetune.rundir import load_model, read_run_meta
+from finetune.rundir import RUN_METRICS, load_model, read_run_meta
 
 
 @dataclass
@@ -78,7 +78,7 @@ def evaluate(
     metrics = classification_metrics(logits, labels, classes)
     metrics["data"] = str(Path(data).expanduser())
     metrics["skipped_images"] = len(skipped)
-    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / RUN_METRICS, metrics)
     plot_confusion(metrics["confusion"], classes, out_dir / "confusion.png",
                    title=f"{meta['architecture']} on {Path(data).name} (top-1 {metrics['top1']:.3f})")
     probs = logits.softmax(1)

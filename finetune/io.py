@@ -114,12 +114,6 @@ def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
-def weights_metadata(meta: dict[str, Any]) -> dict[str, str]:
-    """Class names and preprocessing in the safetensors header too, for users of plain timm."""
-    return {"format": "pt", "architecture": meta["architecture"], "classes": json.dumps(meta["classes"]),
-            "data_config": json.dumps(meta["data_config"])}
-
-
 def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike,
                  metadata: dict[str, str] | None = None) -> None:
     """Atomically write ``state`` as safetensors."""

@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 
 from finetune.convert import apply_plan
 from finetune.errors import FinetuneError
-from finetune.io import model_state_dict, read_json, save_weights, weights_metadata, write_json, write_text
+from finetune.io import model_state_dict, read_json, save_weights, write_json, write_text
 from finetune.models.builders import build_model, builder_ref, check_builder_kwargs, is_builder_ref
 from finetune.models import create_model, default_data_config
 from finetune.models.state import load_checked
@@ -211,6 +211,12 @@ def update_meta(run_dir: str | os.PathLike, **changes: Any) -> dict[str, Any]:
     meta = {**read_run_meta(run_dir), **changes}
     write_meta(run_dir, meta)
     return meta
+
+
+def weights_metadata(meta: Mapping[str, Any]) -> dict[str, str]:
+    """Class names and preprocessing in the safetensors header too, for users of plain timm."""
+    return {"format": "pt", "architecture": meta["architecture"], "classes": json.dumps(meta["classes"]),
+            "data_config": json.dumps(meta["data_config"])}
 
 
 def write_weights(run_dir: str | os.PathLike, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:

@@ -40,10 +40,6 @@ class TeacherComparison:
     agreement_before: float
 
 
-def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(1) == labels).float().mean().item()
-
-
 def start_distillation(recipe: Recipe, student: nn.Module, split: FolderSplit, data: RunData,
                        accelerator: Accelerator, unlabelled: bool, meta: dict[str, Any]) -> TeacherComparison:
     """Load the teacher; on an unlabelled folder relabel validation with its predictions (``split``,
@@ -56,13 +52,13 @@ def start_distillation(recipe: Recipe, student: nn.Module, split: FolderSplit, d
         meta["data"]["val_labels"] = "teacher predictions (unlabelled folder): val top-1 = agreement"
         accelerator.print("unlabelled folder: validation accuracy is agreement with the teacher's predictions")
     # gather_logits() gathers across processes: every process holds all validation logits, in loader order
-    teacher_logits, labels = gather_logits(TeacherView(distiller).to(accelerator.device), data.val_loader, accelerator,
-                                     data.memory_format)
+    teacher_logits, labels = gather_logits(TeacherView(distiller).to(accelerator.device), data.val_loader,
+                                           accelerator, data.memory_format)
     student_logits, labels = gather_logits(student.to(accelerator.device), data.val_loader, accelerator,
-                                     data.memory_format)
-    comparison = TeacherComparison(distiller, teacher_logits, _top1(teacher_logits, labels),
-                                   _top1(student_logits, labels),
-                                   agreement(teacher_logits, student_logits, labels)["agreement"])
+                                           data.memory_format)
+    before = agreement(teacher_logits, student_logits, labels)
+    comparison = TeacherComparison(distiller, teacher_logits, before["teacher_acc"], before["student_acc"],
+                                   before["agreement"])
     accelerator.print(f"distilling from {recipe.distill.teacher}: teacher val top-1 {comparison.teacher_top1:.4f}, "
                       f"student before {comparison.student_before_top1:.4f} (top-1 agreement with the teacher "
                       f"{comparison.agreement_before:.4f})")
