@@ -17,7 +17,9 @@ from typing import Sequence
 
 from finetune.version import __version__
 from finetune.config import SHORT_KEYS, Recipe, base_type, field_specs
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, one_line
+from finetune.train.launch import EXIT_PREEMPTED, lost_peer
+from finetune.train.preemption import Preempted
 
 EPILOG_TRAIN = """examples:
   finetune train --data ~/photos --epochs 5 --out runs/photos
@@ -46,6 +48,11 @@ def _add_recipe_flags(parser: argparse.ArgumentParser) -> None:
         elif short == "resume":  # `--resume` alone means the latest checkpoint of --out
             parser.add_argument(flag, dest=short, nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                                 help=help_text)
+        elif short == "check_images":  # --check-images [true|false|lazy]; --no-check-images = false
+            parser.add_argument(flag, dest=short, nargs="?", const="true", default=None,
+                                metavar="{true,false,lazy}", help=help_text)
+            parser.add_argument("--no-check-images", dest=short, action="store_const", const="false",
+                                help="same as --check-images false")
         else:
             # No argparse `choices`: the Recipe validates and answers in one line, like YAML recipes.
             parser.add_argument(flag, dest=short, default=None, metavar=short.upper(), help=help_text)
@@ -65,44 +72,38 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
     return recipe
 
 
-LAUNCH_FLAGS = {"--num-processes": True, "--num-machines": True, "--machine-rank": True,
-                "--main-process-ip": True, "--main-process-port": True}
-
-
 def _add_launch_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("several processes (DDP; gloo on CPU, NCCL on GPUs)")
-    group.add_argument("--num-processes", type=int, default=1, metavar="N",
-                       help="training processes on this machine (one process group; see finetune/train/launch.py)")
+    group = parser.add_argument_group("several processes and machines (torch's elastic agent; gloo on CPU, "
+                                      "NCCL on GPUs; see finetune/train/launch.py)")
+    group.add_argument("--num-processes", type=int, default=1, metavar="N", help="training processes on this machine")
+    group.add_argument("--max-restarts", type=int, default=0, metavar="R",
+                       help="restart the whole group up to R times when a process dies; it resumes from the "
+                            "latest checkpoint by itself")
     group.add_argument("--num-machines", type=int, default=1, metavar="M", help="machines taking part")
-    group.add_argument("--machine-rank", type=int, default=0, metavar="R", help="this machine's rank, 0..M-1")
-    group.add_argument("--main-process-ip", default="127.0.0.1", help="address of machine 0")
+    group.add_argument("--machine-rank", type=int, default=0, metavar="R",
+                       help="this machine's rank, 0..M-1 (machine 0 hosts the rendezvous)")
+    group.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="c10d rendezvous on machine 0 (same everywhere)")
+    group.add_argument("--rdzv-id", metavar="ID", help="job id, the same on every machine (default: $SLURM_JOB_ID)")
+    group.add_argument("--main-process-ip", help="machine 0's address (with --main-process-port: the endpoint)")
     group.add_argument("--main-process-port", type=int, help="rendezvous port (same on every machine)")
-
-
-def _without_launch_flags(argv: Sequence[str]) -> list[str]:
-    kept, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-            continue
-        name = item.split("=", 1)[0]
-        if name in LAUNCH_FLAGS:
-            skip = "=" not in item
-            continue
-        kept.append(item)
-    return kept
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     recipe = _recipe_from_args(args)  # validated before the heavy import, so mistakes answer at once
     from finetune.train.launch import check_process_counts
 
-    check_process_counts(args.num_processes, args.num_machines, args.machine_rank)
-    if (args.num_processes > 1 or args.num_machines > 1) and "WORLD_SIZE" not in os.environ:
-        from finetune.train.launch import launch
+    check_process_counts(args.num_processes, args.num_machines, args.machine_rank, args.max_restarts)
+    several = args.num_processes > 1 or args.num_machines > 1 or args.max_restarts > 0
+    if several and "TORCHELASTIC_RUN_ID" not in os.environ and "WORLD_SIZE" not in os.environ:
+        from finetune.train.launch import launch, worker_argv
+        from finetune.train.outputs import check_run_dir
+        from finetune.train.trainer import check_sources
 
-        return launch(_without_launch_flags(args.argv), args.num_processes, args.num_machines, args.machine_rank,
-                      args.main_process_ip, args.main_process_port)
+        check_sources(recipe)  # user mistakes answer once here, not once per worker and restart
+        run_dir = check_run_dir(recipe, args.overwrite)
+        return launch(worker_argv(args.argv, run_dir), args.num_processes, args.num_machines, args.machine_rank,
+                      args.max_restarts, args.rdzv_endpoint, args.main_process_ip, args.main_process_port,
+                      args.rdzv_id)
     from finetune.tasks import run_recipe
 
     run_recipe(recipe, progress=not args.no_progress, overwrite=args.overwrite)
@@ -480,6 +481,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("finetune: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if "TORCHELASTIC_RUN_ID" not in os.environ or not lost_peer(exc):
+            raise
+        # another worker died; the agent restarts or stops the group and says which one
+        print(f"finetune: process {os.environ.get('RANK')} stopped: {one_line(exc, 120)}", file=sys.stderr)
+        return 1
+    except Preempted as exc:
+        print(f"finetune: {exc}; continue with --resume (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ class FinetuneError(Exception):
     """A user-facing error: the message says what was wrong and what to do."""
 
 
+class UnsafeFileError(FinetuneError):
+    """A file that would run pickled code when loaded: refused, never worked around."""
+
+
 def close_matches(value: object, candidates: Iterable[str], n: int = 1, cutoff: float = 0.6) -> list[str]:
     """The candidates closest to ``value`` (difflib ratio ≥ ``cutoff``), best first.
 

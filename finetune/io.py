@@ -133,14 +133,14 @@ def safe_torch_load(path: str | os.PathLike, what: str = "weights") -> Any:
 
     import torch
 
-    from finetune.errors import FinetuneError
+    from finetune.errors import FinetuneError, UnsafeFileError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise FinetuneError(f"`{path}` is not a plain {what} file: it holds pickled code, refused for "
+        raise UnsafeFileError(f"`{path}` is not a plain {what} file: it holds pickled code, refused for "
                             "safety; re-save it as a state dict or .safetensors") from None
     except Exception as err:  # noqa: BLE001 -- torch raises RuntimeError/EOFError/... for unparsable files
         raise FinetuneError(f"`{path}` could not be read as PyTorch {what} ({type(err).__name__}); the file is "

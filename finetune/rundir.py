@@ -51,13 +51,15 @@ RUN_LOG = "log.csv"
 RUN_SKIPPED = "skipped.txt"
 RUN_ADAPTER = "adapter"
 RUN_CHECKPOINTS = "checkpoints"
+#: The elastic agent's run id of the job that created the folder (a restarted worker group may start it over).
+RUN_JOB = ".elastic-job"
 #: Everything ``finetune train`` writes into a run directory (``--overwrite`` removes exactly these).
 RUN_ARTEFACTS = (RUN_WEIGHTS, RUN_META, RUN_METRICS, RUN_LOG, "confusion.png", "curves.png", RUN_RECIPE,
-                 RUN_SKIPPED, RUN_CHECKPOINTS, RUN_ADAPTER, "eval-*")
+                 RUN_SKIPPED, RUN_CHECKPOINTS, RUN_ADAPTER, RUN_JOB, "eval-*")
 #: The columns of ``log.csv``, one row per epoch.
 LOG_COLUMNS = (
     "epoch", "phase", "lr_head", "lr_body", "train_loss", "train_top1",
-    "val_loss", "val_top1", "epoch_seconds", "train_images_per_s",
+    "val_loss", "val_top1", "val_macro_f1", "epoch_seconds", "train_images_per_s",
 )
 
 

@@ -48,6 +48,14 @@ MESSY_SKIPPED = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _scan_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Scans here cache their verdicts in a temporary folder, not the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FINETUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 def rel(paths, root: Path) -> list[str]:
     return [Path(p).relative_to(root).as_posix() for p in paths]
 

@@ -1,13 +1,17 @@
-"""Real multi-process training on CPU (gloo): world size 2 asserted from the run directory, the
-same result as one process at the same global batch, exact resume after killing the job, a
-killed worker stopping the whole run, and a simulated two-machine run on one host."""
+"""Real multi-process training on CPU (gloo) under torch's elastic agent: world size 2 asserted from
+the run directory, the same result as one process at the same global batch, the same weights through
+``torchrun``, a killed worker restarting the group and finishing bit-identical (``--max-restarts``),
+a killed job resuming bit-identical, SIGTERM to the launcher checkpointing every worker, and a
+simulated two-machine run (c10d rendezvous) on one host."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,12 +20,14 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.data.demo import write_demo_folder
-from finetune.train.launch import free_port
 from finetune.train.checkpoints import find_checkpoint, load_checkpoint
+from finetune.train.launch import EXIT_PREEMPTED, free_port
 from helpers import run_finetune, start_finetune
 
 COMMON = ["--model", "mobilenetv2_100", "--weights", "offline", "--epochs", "2", "--img-size", "32",
           "--memory-format", "contiguous", "--no-progress"]
+TWO = [*COMMON, "--batch-size", "16", "--num-processes", "2", "--checkpoint-every", "1"]
+UPDATES = 10  # 2 epochs × 5 global batches of 32
 
 
 def start(*args: str) -> subprocess.Popen:
@@ -36,6 +42,38 @@ def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def world_size(run_dir: Path) -> int:
     return json.loads((run_dir / "model.json").read_text())["world_size"]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(find_checkpoint(run_dir) / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), "final weights differ"
+    best_a, best_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+
+
+def latest_updates(run_dir: Path) -> int:
+    try:
+        return int((run_dir / "checkpoints" / "latest").read_text().split("-")[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def wait_for_checkpoint(job: subprocess.Popen, run_dir: Path, updates: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while latest_updates(run_dir) < updates:
+        assert job.poll() is None, job.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.01)
+
+
+def workers(job: subprocess.Popen) -> list[int]:
+    """The worker processes the launcher (the elastic agent) started."""
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True,
+                                           text=True).stdout.split()]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +93,7 @@ def one_process(data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_processes(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("two") / "run"
-    run("train", "--data", str(data), *COMMON, "--batch-size", "16", "--num-processes", "2",
-        "--checkpoint-every", "1", "--out", str(out))
+    run("train", "--data", str(data), *TWO, "--out", str(out))
     assert world_size(out) == 2, "the two processes did not form one process group"
     return out
 
@@ -78,43 +115,86 @@ def test_two_processes_match_one_process_at_the_same_global_batch(one_process, t
     assert rel[len(rel) // 2] < 1e-4 and rel[-1] < 2e-2, (rel[len(rel) // 2], rel[-1])
 
 
+def test_torchrun_gives_the_same_weights_as_the_launcher(data, two_processes, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "finetune.cli", "train", "--data", str(data), *COMMON, "--batch-size", "16",
+                           "--checkpoint-every", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert world_size(out) == 2
+    assert_same_weights(two_processes, out)
+
+
+def _kill_a_worker_and_finish(data: Path, out: Path, kill_at: int, jitter: float) -> subprocess.CompletedProcess:
+    job = start("train", "--data", str(data), *TWO, "--max-restarts", "1", "--out", str(out))
+    wait_for_checkpoint(job, out, kill_at)
+    time.sleep(jitter)
+    pids = workers(job)
+    assert len(pids) == 2, pids
+    os.kill(random.Random(kill_at).choice(pids), signal.SIGKILL)  # one worker dies mid-epoch
+    stdout, stderr = job.communicate(timeout=300)
+    return subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)
+
+
+def test_a_killed_worker_restarts_the_group_which_finishes_bit_identical(data, two_processes, tmp_path):
+    result = _kill_a_worker_and_finish(data, tmp_path / "run", kill_at=4, jitter=0.05)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "restarting the group" in result.stderr and "resuming from" in result.stdout
+    assert_same_weights(two_processes, tmp_path / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(10))
+def test_a_killed_worker_restarts_bit_identical_ten_random_points(data, two_processes, tmp_path, trial):
+    rng = random.Random(2000 + trial)
+    result = _kill_a_worker_and_finish(data, tmp_path / "run", kill_at=rng.randint(1, UPDATES - 1),
+                                       jitter=rng.uniform(0, 0.3))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(two_processes, tmp_path / "run")
+
+
 def test_two_process_run_resumes_bit_identical_after_the_job_is_killed(data, two_processes, tmp_path):
     out = tmp_path / "run"
-    job = start("train", "--data", str(data), *COMMON, "--batch-size", "16", "--num-processes", "2",
-                "--checkpoint-every", "1", "--out", str(out))
-    latest = out / "checkpoints" / "latest"
-    deadline = time.monotonic() + 240
-    while not (latest.is_file() and int(latest.read_text().split("-")[1]) >= 6):
-        assert job.poll() is None, job.stderr.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    os.killpg(job.pid, signal.SIGKILL)  # the whole job: launcher and both workers, as a pre-emption would
+    job = start("train", "--data", str(data), *TWO, "--out", str(out))
+    wait_for_checkpoint(job, out, 6)
+    os.killpg(job.pid, signal.SIGKILL)  # the whole job: launcher and both workers, as a node failure would
     job.wait()
     resumed = run("train", str(out / "recipe.yaml"), "--resume", "--num-processes", "2", "--no-progress")
     assert "resuming from" in resumed.stdout and world_size(out) == 2
-    a = load_file(find_checkpoint(two_processes) / "model.safetensors")
-    b = load_file(find_checkpoint(out) / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(two_processes, out)
 
 
-def test_killing_one_worker_stops_the_run_and_leaves_a_checkpoint(data, tmp_path):
+def test_sigterm_to_the_launcher_checkpoints_every_worker_and_resume_is_bit_identical(data, two_processes,
+                                                                                       tmp_path):
     out = tmp_path / "run"
-    job = start("train", "--data", str(data), *COMMON, "--epochs", "4", "--batch-size", "16",
-                "--num-processes", "2", "--checkpoint-every", "1", "--out", str(out))
-    deadline = time.monotonic() + 240
-    while find_checkpoint(out) is None:
-        assert job.poll() is None, job.stderr.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    children = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
-    assert len(children) == 2
-    os.kill(int(children[1]), signal.SIGKILL)
+    job = start("train", "--data", str(data), *TWO, "--out", str(out))
+    wait_for_checkpoint(job, out, 3)
+    signalled = time.monotonic()
+    job.send_signal(signal.SIGTERM)  # the launcher only, as Kubernetes signals a container's first process
+    _, stderr = job.communicate(timeout=60)
+    assert time.monotonic() - signalled < 60
+    assert job.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    assert "SIGTERM" in stderr and "--resume" in stderr.strip().splitlines()[-1]
+    stopped_at = load_checkpoint(find_checkpoint(out), 0)["position"]
+    assert 3 <= stopped_at.total_updates < UPDATES, "the workers did not checkpoint before stopping"
+    run("train", str(out / "recipe.yaml"), "--resume", "--num-processes", "2", "--no-progress")
+    assert_same_weights(two_processes, out)
+
+
+def test_killing_one_worker_without_restarts_stops_the_run_and_leaves_a_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    job = start("train", "--data", str(data), *TWO, "--epochs", "4", "--out", str(out))
+    wait_for_checkpoint(job, out, 1)
+    pids = workers(job)
+    assert len(pids) == 2
+    os.kill(max(pids), signal.SIGKILL)
     killed_at = time.monotonic()
     job.wait(timeout=60)
     assert time.monotonic() - killed_at < 60
     assert job.returncode not in (0, None)
     err = job.stderr.read().strip().splitlines()
-    assert err and "process 1 failed" in err[-1] and "--resume" in err[-1], err[-3:]
+    assert err and "failed (killed by SIGKILL)" in err[-1] and "--resume" in err[-1], err[-3:]
     state = load_checkpoint(find_checkpoint(out), 0)
     assert state["world_size"] == 2
 
@@ -123,8 +203,8 @@ def test_killing_one_worker_stops_the_run_and_leaves_a_checkpoint(data, tmp_path
 def test_simulated_two_machine_run(data, one_process, tmp_path):
     out, port = tmp_path / "run", free_port()
     nodes = [start("train", "--data", str(data), *COMMON, "--batch-size", "16", "--num-machines", "2",
-                   "--machine-rank", str(rank), "--main-process-ip", "127.0.0.1", "--main-process-port", str(port),
-                   "--out", str(out)) for rank in (0, 1)]
+                   "--machine-rank", str(rank), "--rdzv-endpoint", f"127.0.0.1:{port}", "--out", str(out))
+             for rank in (0, 1)]
     for node in nodes:
         _, err = node.communicate(timeout=300)
         assert node.returncode == 0, err[-3000:]
@@ -134,9 +214,13 @@ def test_simulated_two_machine_run(data, one_process, tmp_path):
     assert m1["top1"] == m2["top1"] and abs(m1["loss"] - m2["loss"]) < 1e-3
 
 
-@pytest.mark.parametrize("flags", [["--num-processes", "0"], ["--num-machines", "2", "--machine-rank", "2"]])
-def test_impossible_launch_settings_are_one_line_errors(data, flags):
+@pytest.mark.parametrize("flags, named", [(["--num-processes", "0"], "--num-processes"),
+                                          (["--num-machines", "2", "--machine-rank", "2"], "--num-processes"),
+                                          (["--num-processes", "2", "--max-restarts", "-1"], "--max-restarts"),
+                                          (["--num-machines", "2"], "--rdzv-endpoint"),
+                                          (["--num-processes", "2", "--rdzv-endpoint", "nohost"], "--rdzv-endpoint")])
+def test_impossible_launch_settings_are_one_line_errors(data, flags, named):
     proc = start("train", "--data", str(data), *flags)
     _, err = proc.communicate(timeout=120)
     lines = err.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and "--num-processes" in lines[0], err
+    assert proc.returncode == 2 and len(lines) == 1 and named in lines[0], err

@@ -54,7 +54,8 @@ SHORT_KEYS = {
     "kd_alpha": "distill.alpha", "kd_temperature": "distill.temperature", "kd_beta": "distill.beta",
     "check_images": "data.check_images", "lora": "lora.enabled", "lora_r": "lora.r",
     "checkpoint_every": "runtime.checkpoint_every", "resume": "runtime.resume",
-    "report_to": "runtime.report_to",
+    "report_to": "runtime.report_to", "monitor": "optim.monitor", "patience": "optim.patience",
+    "min_delta": "optim.min_delta", "keep_checkpoints": "runtime.keep_checkpoints",
 }
 
 

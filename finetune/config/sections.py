@@ -25,8 +25,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from finetune.config.choices import (AUTO_AUGMENT, BN_MODES, MEMORY_FORMATS, MIXED_PRECISION, OBJECTIVES, STRATEGIES,
-                                    TRACKERS)
+from finetune.config.choices import (AUTO_AUGMENT, BN_MODES, CHECK_IMAGES, MEMORY_FORMATS, MIXED_PRECISION, MONITORS, OBJECTIVES, STRATEGIES,
+                                    TRACKERS, check_images_value)
 from finetune.errors import FinetuneError, did_you_mean
 
 __all__ = [
@@ -107,8 +107,12 @@ class DataConfig(_Section):
     batch_size: int = field(default=32, metadata=_help("images per step per process"))
     num_workers: int | None = field(default=None, metadata=_help("DataLoader workers (default: from CPU count)"))
     class_balanced: bool = field(default=False, metadata=_help("weight the loss by inverse class frequency"))
-    check_images: bool = field(default=True,
-                               metadata=_help("decode every image once before training, skip broken ones"))
+    # `str | bool`: the CLI gets `--check-images VALUE`; check() turns true/false spellings back into booleans
+    check_images: str | bool = field(
+        default=True, metadata=_help("true: decode every image once before training (results cached, a re-run decodes "
+                                     "only new or changed files) and skip broken ones; lazy: decode nothing up front, "
+                                     "skip what fails to load during training (listed in RUN/skipped.txt at the end); "
+                                     "false: decode nothing, skip only missing and empty files"))
 
     def check(self) -> None:
         if self.root is not None:
@@ -118,6 +122,12 @@ class DataConfig(_Section):
                                 "(e.g. 0.2); training keeps the best epoch by validation accuracy")
         self._at_least("batch_size", 1)
         self._at_least("num_workers", 0)
+        value = check_images_value(self.check_images)
+        if value is None:
+            raise FinetuneError(f"data.check_images: `{self.check_images}` is not valid; "
+                                f"{did_you_mean(str(self.check_images).lower(), CHECK_IMAGES)}choose one of "
+                                f"{', '.join(CHECK_IMAGES)}")
+        self.check_images = value
 
 
 @dataclass
@@ -166,10 +176,19 @@ class OptimConfig(_Section):
     warmup_epochs: float = field(default=0.3, metadata=_help("linear warmup length per phase, in epochs"))
     label_smoothing: float = field(default=0.1, metadata=_help("cross-entropy label smoothing"))
     grad_accum: int = field(default=1, metadata=_help("gradient accumulation steps"))
+    monitor: str = field(default="val_top1", metadata=_help(
+        "validation metric that picks the best epoch (model.safetensors) and drives early stopping",
+        choices=MONITORS))
+    patience: int = field(default=0, metadata=_help("stop after this many epochs without improvement of "
+                                                    "optim.monitor (0: never stop early)"))
+    min_delta: float = field(default=0.0, metadata=_help("smallest change of optim.monitor that counts as an "
+                                                         "improvement for early stopping"))
 
     def check(self) -> None:
         for name in ("epochs", "grad_accum"):
             self._at_least(name, 1)
+        self._at_least("patience", 0)
+        self._at_least("min_delta", 0.0)
         for name in ("lr", "body_lr_mult"):
             self._at_least(name, 0.0, strict=True)
         for name in ("warmup_epochs", "weight_decay"):
@@ -274,7 +293,9 @@ class RuntimeConfig(_Section):
                                        "faster)", choices=MEMORY_FORMATS))
     checkpoint_every: int = field(default=0, metadata=_help("also checkpoint every N optimizer updates "
                                                             "(0: at epoch ends only)"))
-    keep_checkpoints: int = field(default=2, metadata=_help("complete checkpoints kept in RUN/checkpoints"))
+    keep_checkpoints: int = field(default=2, metadata=_help("newest complete checkpoints kept in RUN/checkpoints"))
+    keep_best_checkpoint: bool = field(default=False, metadata=_help("also keep the checkpoint of the best epoch "
+                                                                     "(besides the newest keep_checkpoints)"))
     resume: str | None = field(default=None, metadata=_help("continue the run in runtime.out from its latest "
                                                             "checkpoint (latest) or from a checkpoint directory"))
     report_to: str = field(default="none", metadata=_help(

@@ -1,7 +1,9 @@
 """Image data: which files are images (:mod:`~finetune.data.files`), decoding and checking them
-(:mod:`~finetune.data.images`), class folders and their train/val split (:mod:`~finetune.data.folder`),
-datasets, transforms and loaders (:mod:`~finetune.data.dataset`), the seeded sampler
-(:mod:`~finetune.data.sampling`) and the embedded demo data set (:mod:`~finetune.data.demo`).
+(:mod:`~finetune.data.images`), remembering what was checked (:mod:`~finetune.data.scan_cache`),
+recording what fails to load during training (:mod:`~finetune.data.skiplog`), class folders and their
+train/val split (:mod:`~finetune.data.folder`), datasets, transforms and loaders
+(:mod:`~finetune.data.dataset`), the seeded sampler (:mod:`~finetune.data.sampling`) and the embedded
+demo data set (:mod:`~finetune.data.demo`).
 
 >>> from finetune.data import IMAGE_EXTENSIONS, draft_size
 >>> ".jpg" in IMAGE_EXTENSIONS, draft_size({"input_size": (3, 96, 96)})
@@ -11,10 +13,13 @@ datasets, transforms and loaders (:mod:`~finetune.data.dataset`), the seeded sam
 from __future__ import annotations
 
 from finetune.data.dataset import BadImageWarning, ImageDataset, build_transform, class_weights, draft_size, eval_loader
-from finetune.data.files import IMAGE_EXTENSIONS, Skipped, list_images, write_skipped
+from finetune.data.files import (IMAGE_EXTENSIONS, Skipped, find_images, list_images, merge_skipped, read_skipped,
+                                 write_skipped)
 from finetune.data.folder import (VAL_DIR_NAMES, FolderSplit, Sample, is_unlabelled_folder, scan_folder, scan_labelled,
                                   scan_unlabelled)
 from finetune.data.images import load_rgb, to_rgb
+from finetune.data.scan_cache import ScanStats, check_paths, decodes
+from finetune.data.skiplog import SkipLog, lazy_skip_log
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -23,14 +28,22 @@ __all__ = [
     "FolderSplit",
     "ImageDataset",
     "Sample",
+    "ScanStats",
+    "SkipLog",
     "Skipped",
     "build_transform",
+    "check_paths",
     "class_weights",
+    "decodes",
     "draft_size",
     "eval_loader",
+    "find_images",
     "is_unlabelled_folder",
+    "lazy_skip_log",
     "list_images",
     "load_rgb",
+    "merge_skipped",
+    "read_skipped",
     "scan_folder",
     "scan_labelled",
     "scan_unlabelled",

@@ -22,6 +22,7 @@ import torch
 
 from finetune.data.folder import Sample
 from finetune.data.images import failure_reason, load_rgb
+from finetune.data.skiplog import SkipLog
 from finetune.errors import FinetuneError
 
 __all__ = ["BadImageWarning", "ImageDataset", "build_transform", "class_weights", "draft_size", "eval_loader"]
@@ -34,12 +35,22 @@ class BadImageWarning(UserWarning):
 class ImageDataset(torch.utils.data.Dataset):
     """``(transform(load_rgb(path)), label)`` pairs from :class:`~finetune.data.folder.Sample` s or bare paths.
 
-    Bare paths get label -1. If a file fails to load (it changed on disk after scanning),
-    the default for samples (``on_error="substitute"``) is not to crash the epoch: a
-    :class:`BadImageWarning` is issued once per file (per worker process) and the next
-    loadable index (wrapping around) is returned instead; the file is not retried. For bare
-    paths (prediction) the default is ``on_error="raise"``: a :class:`FinetuneError` naming
-    the file, since a substitute would be reported under the wrong path.
+    Bare paths get label -1. If a file fails to load (it changed on disk after scanning, or
+    nothing was decoded up front: ``check_images: lazy``), the default for samples
+    (``on_error="substitute"``) is not to crash the epoch: a :class:`BadImageWarning` is issued
+    once per file (per worker process), the file is recorded in ``skip_log`` if one is given
+    (:class:`~finetune.data.skiplog.SkipLog`: it reaches the main process from loader workers
+    too), and the next loadable index (wrapping around) is returned instead; the file is not
+    retried. For bare paths (prediction) the default is ``on_error="raise"``: a
+    :class:`FinetuneError` naming the file, since a substitute would be reported under the
+    wrong path.
+
+    Exact resume holds with substitutes: what index ``i`` returns is the first loadable index
+    from ``i`` on, a function of ``i`` and of which files fail, not of what this process tried
+    before (the set of known-bad files only saves retries), and the augmentation is seeded by
+    the requested ``(epoch, i)`` (:class:`~finetune.data.sampling.SeededAugmentation`). So as
+    long as the same files fail, the batches after a resume are the ones an uninterrupted run
+    would have seen.
 
     >>> import tempfile, pathlib
     >>> from PIL import Image
@@ -57,6 +68,7 @@ class ImageDataset(torch.utils.data.Dataset):
         *,
         draft_size: int | None = None,
         on_error: str | None = None,
+        skip_log: SkipLog | None = None,
     ) -> None:
         items = list(items)
         if all(isinstance(x, Sample) for x in items):
@@ -75,6 +87,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.draft_size = draft_size
         self.on_error = on_error
+        self.skip_log = skip_log
         self._bad: set[int] = set()
 
     def __len__(self) -> int:
@@ -98,6 +111,8 @@ class ImageDataset(torch.utils.data.Dataset):
                         "after it was listed: fix or remove it and run again"
                     ) from exc
                 self._bad.add(i)
+                if self.skip_log is not None:
+                    self.skip_log.record(self.paths[i], failure_reason(exc))
                 warnings.warn(
                     f"cannot load `{self.paths[i]}` ({failure_reason(exc)}); using another image "
                     "in its place for the rest of this run",

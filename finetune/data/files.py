@@ -3,7 +3,8 @@
 Hidden files and folders (``.DS_Store``, ``.ipynb_checkpoints``...), ``Thumbs.db``, ``__MACOSX``
 and files without an image extension are ignored silently. A file with an image extension that
 cannot be used is reported as :class:`Skipped` with a one-phrase reason
-(:func:`~finetune.data.images.check_files`); :func:`write_skipped` writes that report.
+(:func:`~finetune.data.scan_cache.check_paths`: decoded once, then remembered); :func:`write_skipped`
+writes that report and :func:`read_skipped` reads it back.
 
 >>> import tempfile, pathlib
 >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -18,13 +19,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
-from finetune.data.images import check_files
+from finetune.data.scan_cache import ScanStats, check_paths
 from finetune.errors import FinetuneError
 from finetune.io import write_text
 
-__all__ = ["IMAGE_EXTENSIONS", "Skipped", "list_images", "write_skipped"]
+__all__ = ["IMAGE_EXTENSIONS", "Skipped", "find_images", "list_images", "merge_skipped", "read_skipped",
+           "write_skipped"]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -104,14 +106,15 @@ def loose_images(folder: Path) -> int:
 
 
 def list_images(
-    paths: Sequence[str | os.PathLike], check_images: bool = True
+    paths: Sequence[str | os.PathLike], check_images: bool | str = True
 ) -> tuple[list[Path], list[Skipped]]:
     """Image files from files and folders (folders recursively, sorted), for prediction.
 
     Hidden files and files without an image extension inside folders are ignored; a file
     named explicitly without an image extension, or one that cannot be decoded
-    (``check_images``), is returned in the skipped list. Duplicates are listed once, in
-    the order given. A path that does not exist raises :class:`FinetuneError`.
+    (``check_images``; verdicts come from the scan cache when the file is unchanged), is
+    returned in the skipped list. Duplicates are listed once, in the order given. A path
+    that does not exist raises :class:`FinetuneError`.
 
     >>> import tempfile, pathlib
     >>> from PIL import Image
@@ -121,6 +124,22 @@ def list_images(
     >>> found, skipped = list_images([d])
     >>> [p.name for p in found], skipped
     (['a.png'], [])
+    """
+    found, skipped, _ = find_images(paths, check_images)
+    return found, skipped
+
+
+def find_images(
+    paths: Sequence[str | os.PathLike], check_images: bool | str = True
+) -> tuple[list[Path], list[Skipped], ScanStats]:
+    """:func:`list_images` and what its scan did (files decoded, taken from the cache).
+
+    >>> import tempfile, pathlib
+    >>> from PIL import Image
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> Image.new("RGB", (8, 8)).save(d / "a.png")
+    >>> find_images([d], check_images=False)[2].decoded
+    0
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -138,9 +157,14 @@ def list_images(
         else:
             raise FinetuneError(f"`{path}` does not exist; pass image files or folders of images")
     candidates = list(dict.fromkeys(candidates))
-    bad = check_files(candidates, check_images)
+    bad, stats = check_paths(candidates, check_images)
     skipped += [Skipped(p, bad[p]) for p in candidates if p in bad]
-    return [p for p in candidates if p not in bad], skipped
+    return [p for p in candidates if p not in bad], skipped, stats
+
+
+def clean_field(text: str) -> str:
+    """``text`` with tabs and line breaks replaced by spaces (one field of a ``skipped.txt`` line)."""
+    return text.replace("\t", " ").replace("\r", " ").replace("\n", " ")
 
 
 def write_skipped(skipped: Sequence[Skipped], path: str | os.PathLike) -> None:
@@ -153,7 +177,35 @@ def write_skipped(skipped: Sequence[Skipped], path: str | os.PathLike) -> None:
     'a.jpg\\tempty file\\n'
     """
 
-    def clean(text: str) -> str:
-        return text.replace("\t", " ").replace("\r", " ").replace("\n", " ")
+    write_text(path, "".join(f"{clean_field(str(s.path))}\t{clean_field(s.reason)}\n" for s in skipped))
 
-    write_text(path, "".join(f"{clean(str(s.path))}\t{clean(s.reason)}\n" for s in skipped))
+
+def read_skipped(path: str | os.PathLike) -> list[Skipped]:
+    """The entries of a file :func:`write_skipped` wrote (``[]`` if there is none).
+
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "skipped.txt"
+    >>> write_skipped([Skipped(pathlib.Path("a.jpg"), "empty file")], out)
+    >>> read_skipped(out)
+    [Skipped(path=PosixPath('a.jpg'), reason='empty file')]
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    entries = [line.partition("\t") for line in text.splitlines()]
+    return [Skipped(Path(p), reason) for p, sep, reason in entries if sep and p]
+
+
+def merge_skipped(*groups: Iterable[Skipped]) -> list[Skipped]:
+    """The skipped files of several reports as one list sorted by path, each file once (first reason kept).
+
+    >>> a, b = Skipped(Path("b.png"), "empty file"), Skipped(Path("a.png"), "not an image (cannot identify)")
+    >>> [s.path.name for s in merge_skipped([a], [b, a])]
+    ['a.png', 'b.png']
+    """
+    first: dict[Path, Skipped] = {}
+    for group in groups:
+        for entry in group:
+            first.setdefault(entry.path, entry)
+    return [first[p] for p in sorted(first)]

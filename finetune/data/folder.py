@@ -8,7 +8,8 @@ A user's data is a folder with one sub-folder per class, either
 Which files count as images is :mod:`finetune.data.files`'s; files with an image extension that
 cannot be decoded (empty, truncated, not an image, decompression bombs) are reported as
 :class:`~finetune.data.files.Skipped` with a one-phrase reason instead of crashing an epoch later
-(:mod:`finetune.data.images`). Mistakes in the folder itself raise
+(:mod:`finetune.data.images`; each verdict is cached, so a re-scan decodes only new or changed files:
+:mod:`finetune.data.scan_cache`). Mistakes in the folder itself raise
 :class:`~finetune.errors.FinetuneError` with a one-line message.
 
 >>> import tempfile, pathlib
@@ -32,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from finetune.data.files import IMAGE_EXTENSIONS, Skipped, list_images, loose_images, subdirs, walk_images
-from finetune.data.images import check_files
+from finetune.data.files import IMAGE_EXTENSIONS, Skipped, find_images, loose_images, subdirs, walk_images
+from finetune.data.scan_cache import ScanStats, check_paths
+from finetune.data.skiplog import SkipLog
 from finetune.errors import FinetuneError
 
 __all__ = [
@@ -60,7 +62,11 @@ class Sample:
 
 @dataclass
 class FolderSplit:
-    """The result of :func:`scan_folder`: classes, train/val samples, skipped files, warnings."""
+    """The result of :func:`scan_folder`: classes, train/val samples, skipped files, warnings.
+
+    ``scan`` is what the scan did (files decoded, taken from the cache); ``skip_log`` is where the
+    datasets built from it record files that fail to load (lazy checking), or ``None``.
+    """
 
     root: Path
     classes: list[str]
@@ -69,6 +75,8 @@ class FolderSplit:
     skipped: list[Skipped]
     layout: str
     warnings: list[str] = field(default_factory=list)
+    scan: ScanStats = field(default_factory=ScanStats)
+    skip_log: SkipLog | None = None
 
     @property
     def num_classes(self) -> int:
@@ -173,7 +181,7 @@ def scan_folder(
     root: str | os.PathLike,
     val_fraction: float = 0.2,
     seed: int = 0,
-    check_images: bool = True,
+    check_images: bool | str = True,
 ) -> FolderSplit:
     """Scan an image folder, skip unreadable files and split it into train/val.
 
@@ -181,8 +189,9 @@ def scan_folder(
     otherwise ``root/<class>/**`` is split per class (stratified, deterministic given
     ``seed``; every class with >= 2 images gets at least one val image when
     ``val_fraction > 0``). Class names are the sorted folder names of the train part.
-    ``check_images`` decodes every file (JPEGs at reduced scale) in a thread pool and
-    reports undecodable ones in ``skipped``; without it only empty files are caught.
+    ``check_images`` decodes every file (JPEGs at reduced scale) in a thread pool, unless
+    the scan cache knows it unchanged, and reports undecodable ones in ``skipped``; with
+    ``False`` or ``"lazy"`` only missing and empty files are caught.
 
     Raises :class:`FinetuneError` for a missing root, no images, fewer than two classes, or
     a val class that train lacks. Empty class folders and train classes missing from val
@@ -224,7 +233,7 @@ def scan_folder(
         notes.append(f"ignoring {loose} image(s) directly in `{train_dir}` (not in a class folder)")
 
     all_paths = [p for files in (*train_files.values(), *val_files.values()) for p in files]
-    bad = check_files(all_paths, check_images)
+    bad, stats = check_paths(all_paths, check_images)
     skipped = [Skipped(p, bad[p]) for p in sorted(bad)]
     good = {c: [p for p in fs if p not in bad] for c, fs in train_files.items()}
     good_val = {c: [p for p in fs if p not in bad] for c, fs in val_files.items()}
@@ -273,13 +282,13 @@ def scan_folder(
                 notes.append(
                     f"class(es) {_names(single)} have a single image; nothing held out for val"
                 )
-    return FolderSplit(root, classes, train, val, skipped, layout, notes)
+    return FolderSplit(root, classes, train, val, skipped, layout, notes, scan=stats)
 
 
 def scan_labelled(
     root: str | os.PathLike,
     classes: list[str] | None = None,
-    check_images: bool = True,
+    check_images: bool | str = True,
 ) -> tuple[list[str], list[Sample], list[Skipped]]:
     """Every image under ``root/<class>/`` with its label, for evaluation.
 
@@ -325,7 +334,7 @@ def scan_labelled(
                 f"class folder(s) {_names(unknown)} in `{folder}` are not classes of the model "
                 f"(which knows {_names(classes)}); remove or rename them"
             )
-    bad = check_files(all_paths, check_images)
+    bad, _ = check_paths(all_paths, check_images)
     good = {c: [p for p in fs if p not in bad] for c, fs in files.items()}
     good = {c: fs for c, fs in good.items() if fs}
     if not good:
@@ -354,10 +363,10 @@ def is_unlabelled_folder(root: str | os.PathLike) -> bool:
 
 
 def scan_unlabelled(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0,
-                    check_images: bool = True) -> FolderSplit:
+                    check_images: bool | str = True) -> FolderSplit:
     """Split a folder of loose images (labels ``-1``) into train/val, seeded (for distillation)."""
     root = _check_root(root)
-    paths, skipped = list_images([root], check_images=check_images)
+    paths, skipped, stats = find_images([root], check_images=check_images)
     if len(paths) < 2:
         raise FinetuneError(f"`{root}` holds {len(paths)} readable image(s); distillation needs at least 2")
     order = list(paths)
@@ -366,4 +375,5 @@ def scan_unlabelled(root: str | os.PathLike, val_fraction: float = 0.2, seed: in
     val, train = sorted(order[:n_val]), sorted(order[n_val:])
     return FolderSplit(root=root, classes=[], train=[Sample(p, -1) for p in train],
                        val=[Sample(p, -1) for p in val], skipped=list(skipped),
-                       layout=f"unlabelled images (split with val_fraction={val_fraction}, seed={seed})")
+                       layout=f"unlabelled images (split with val_fraction={val_fraction}, seed={seed})",
+                       scan=stats)

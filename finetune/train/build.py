@@ -144,11 +144,11 @@ def build_loaders(recipe: Recipe, split: FolderSplit, data_config: dict) -> tupl
                   pin_memory=torch.cuda.is_available())
     draft = draft_size(data_config)
     # order and augmentation are functions of (seed, epoch, index): see finetune.data.sampling
-    train_set = SeededAugmentation(ImageDataset(split.train, train_tf, draft_size=draft), recipe.runtime.seed)
+    train_set = SeededAugmentation(ImageDataset(split.train, train_tf, draft_size=draft, skip_log=split.skip_log), recipe.runtime.seed)
     # drop only a last batch of one image: BatchNorm in train mode cannot normalise a single sample
     train = DataLoader(train_set, sampler=EpochSampler(len(train_set), recipe.runtime.seed),
                        drop_last=len(split.train) % batch_size == 1, **common)
-    val = DataLoader(ImageDataset(split.val, eval_tf, draft_size=draft), shuffle=False, **common)
+    val = DataLoader(ImageDataset(split.val, eval_tf, draft_size=draft, skip_log=split.skip_log), shuffle=False, **common)
     return train, val
 
 

@@ -25,14 +25,14 @@ import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from finetune.io import atomic_path, fsync_dir, model_state_dict, safe_torch_load, save_weights, write_text
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, UnsafeFileError, one_line
 from finetune.rundir import RUN_CHECKPOINTS
 
 CHECKPOINTS = RUN_CHECKPOINTS
@@ -82,10 +82,12 @@ def _save_torch(obj: Any, path: Path) -> None:
 
 def save_checkpoint(run_dir: Path, accelerator, *, model: torch.nn.Module, ema: torch.nn.Module | None,
                     optimizer: torch.optim.Optimizer, scheduler: Any, position: Position,
-                    extra: dict[str, Any], rank_state: dict[str, Any], keep: int = 2) -> Path:
+                    extra: dict[str, Any], rank_state: dict[str, Any], keep: int = 2,
+                    keep_epoch: int | None = None) -> Path:
     """Write a checkpoint atomically (every process calls this; rank 0 writes the shared files).
 
-    ``rank_state`` is this process's own state besides its RNGs (its running epoch sums).
+    ``rank_state`` is this process's own state besides its RNGs (its running epoch sums). The
+    newest ``keep`` checkpoints stay, and the end-of-epoch one of epoch ``keep_epoch`` (the best).
     """
     root = run_dir / CHECKPOINTS
     name = f"step-{position.total_updates:08d}-e{position.epochs_done:03d}b{position.batches:05d}"
@@ -109,24 +111,63 @@ def save_checkpoint(run_dir: Path, accelerator, *, model: torch.nn.Module, ema: 
         os.replace(tmp, final)
         fsync_dir(root)
         write_text(root / LATEST, name + "\n")
+        kept = f"-e{keep_epoch:03d}b00000" if keep_epoch is not None else None
         complete = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in complete[:-keep]:  # the previous ones go only once the new one is named
-            shutil.rmtree(old, ignore_errors=True)
+            if kept is None or not old.name.endswith(kept):
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """A run's complete checkpoints, newest first (the one ``checkpoints/latest`` names leads)."""
+    root = Path(run_dir) / CHECKPOINTS
+    found = sorted((p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
+                    and (p / COMPLETE).is_file()), reverse=True)
+    latest = root / LATEST
+    try:
+        named = root / latest.read_text().strip() if latest.is_file() else None
+    except (OSError, UnicodeDecodeError):  # a torn `latest`: the names in the folder still order them
+        named = None
+    if named in found:
+        found.remove(named)
+        found.insert(0, named)
+    return found
+
+
 def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint of a run (``checkpoints/latest``, else the newest complete one)."""
-    root = Path(run_dir) / CHECKPOINTS
-    latest = root / LATEST
-    if latest.is_file():
-        named = root / latest.read_text().strip()
-        if (named / COMPLETE).is_file():
-            return named
-    complete = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
-                      and (p / COMPLETE).is_file())
-    return complete[-1] if complete else None
+    found = complete_checkpoints(run_dir)
+    return found[0] if found else None
+
+
+def checkpoint_size(path: Path) -> int:
+    """Bytes on disk of one checkpoint directory."""
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def load_latest_checkpoint(run_dir: str | os.PathLike, process_index: int,
+                           warn: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint that reads back whole, and its state; an unreadable newer one (truncated by
+    a full disk, or torn on a filesystem without atomic rename) is passed over with a warning.
+
+    Every file of a candidate is read, every process's RNG file included, so all processes of a
+    run (reading the same files) settle on the same checkpoint.
+    """
+    for path in complete_checkpoints(run_dir):
+        try:
+            state = load_checkpoint(path, process_index)
+            for rng_file in path.glob("rng-rank*.pt"):
+                safe_torch_load(rng_file, "checkpoint")
+            return path, state
+        except UnsafeFileError:  # pickled code is refused, not passed over
+            raise
+        except Exception as error:  # noqa: BLE001 -- any damage means: try the previous checkpoint
+            warn(f"warning: checkpoint {path.name} is unreadable ({one_line(error)}); falling back to the "
+                 "previous one")
+    raise FinetuneError(f"--resume: no readable checkpoint in {Path(run_dir) / CHECKPOINTS}; start the run again "
+                        "with --overwrite")
 
 
 def load_checkpoint(path: Path, process_index: int) -> dict[str, Any]:

@@ -7,6 +7,7 @@ writes, and every write is atomic.
 
 from __future__ import annotations
 
+import os
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -18,15 +19,44 @@ from torch import nn
 from finetune.config.recipe import Recipe
 from finetune.data import FolderSplit, write_skipped
 from finetune.errors import FinetuneError
-from finetune.rundir import RUN_ARTEFACTS, RUN_CHECKPOINTS, RUN_RECIPE, RUN_SKIPPED, make_run_meta
+from finetune.io import write_text
+from finetune.rundir import RUN_ARTEFACTS, RUN_CHECKPOINTS, RUN_JOB, RUN_RECIPE, RUN_SKIPPED, make_run_meta
 from finetune.train.checkpoints import find_checkpoint
+from finetune.train.launch import restart_count
+
+
+def elastic_job() -> str | None:
+    """The elastic agent's run id when this process is one of its workers (torchrun or
+    ``finetune train --num-processes``); ``None`` otherwise, and for torchrun's default id ``none``."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    return job if job and job != "none" else None
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    """``runtime.out``, else ``runs/<model>-<time>`` (``runs/<model>-<job>`` under the elastic agent, so every
+    process and every restart of the job agrees on it)."""
+    if recipe.runtime.out:
+        return Path(recipe.runtime.out).expanduser()
+    stamp = elastic_job() or datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{Path(recipe.model.name).name}-{stamp}"
+
+
+def restarted_run(recipe: Recipe, overwrite: bool) -> tuple[Recipe, bool]:
+    """The recipe and ``--overwrite`` of a worker the elastic agent restarted: continue from the run's newest
+    checkpoint, or -- if the job stopped before its first one -- start the job's own folder over."""
+    if restart_count() == 0:
+        return recipe, overwrite
+    run_dir = default_run_dir(recipe)
+    if find_checkpoint(run_dir) is not None:
+        return recipe.replace({"runtime.resume": "latest"}), overwrite
+    job_file = run_dir / RUN_JOB
+    ours = elastic_job() is not None and job_file.is_file() and job_file.read_text().strip() == elastic_job()
+    return recipe, overwrite or ours
 
 
 def check_run_dir(recipe: Recipe, overwrite: bool) -> Path:
     """Where the run goes, checked before anything is scanned or written."""
-    out = recipe.runtime.out or str(Path("runs") / f"{Path(recipe.model.name).name}-"
-                                                   f"{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    run_dir = Path(out).expanduser()
+    run_dir = default_run_dir(recipe)
     if run_dir.exists() and not run_dir.is_dir():
         raise FinetuneError(f"--out `{run_dir}` is a file; pass a directory for the run")
     data = Path(recipe.require_data()).expanduser().resolve()
@@ -40,7 +70,9 @@ def check_run_dir(recipe: Recipe, overwrite: bool) -> Path:
             raise FinetuneError(f"--resume: `{run_dir}` holds no run to resume; pass its --out (or its recipe.yaml), "
                                 "or start the run without --resume")
         return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+    # only the main process writes; the others must not read a folder it may be clearing
+    main = os.environ.get("RANK", "0") == "0"
+    if main and run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise FinetuneError(f"run directory `{run_dir}` already holds files; choose another --out, pass --overwrite, "
                             "or --resume to continue it")
     return run_dir
@@ -93,6 +125,8 @@ def create_run_dir(run_dir: Path, accelerator: Accelerator, overwrite: bool) -> 
                 for path in run_dir.glob(pattern):
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
+        if elastic_job() is not None:
+            write_text(run_dir / RUN_JOB, elastic_job() + "\n")
     accelerator.wait_for_everyone()
 
 

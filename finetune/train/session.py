@@ -30,12 +30,16 @@ from finetune.config import Recipe
 from finetune.data import ImageDataset
 from finetune.data.sampling import EpochSampler
 from finetune.io import model_state_dict
+from finetune.metrics import classification_metrics
 from finetune.rundir import RUN_ADAPTER, RUN_WEIGHTS, write_log, write_meta, write_weights
 from finetune.train.build import feature_cache_reason, plain_model
-from finetune.train.checkpoints import Position, save_checkpoint as write_checkpoint, set_rng_state
+from finetune.train.checkpoints import (Position, checkpoint_size, save_checkpoint as write_checkpoint,
+                                        set_rng_state)
 from finetune.train.features import FeatureCache, HeadOnly
 from finetune.train.loop import LossFn, gather_logits, train_epoch
 from finetune.train.optim import Phase, build_optimizer, build_scheduler, set_trainable
+from finetune.train.preemption import Preempted, StopSignals
+from finetune.train.stopping import NO_SCORE, epochs_without_improvement, selection_score, should_stop
 from finetune.train.tracking import log_epoch, log_update
 
 
@@ -55,9 +59,10 @@ class RunData:
 class TrainingSession:
     """Model, EMA, the current phase's optimizer and scheduler, history, best epoch and position.
 
-    ``best`` is ``(val top-1, -val loss)`` of the best epoch so far (ties on accuracy go to the
-    lower loss); ``position`` is where a restored checkpoint stood; ``total_updates`` counts
-    optimizer updates over the run (the EMA's step).
+    ``best`` is the :func:`~finetune.train.stopping.selection_score` of the best epoch so far (by
+    ``optim.monitor``); ``position`` is where a restored checkpoint stood; ``total_updates`` counts
+    optimizer updates over the run (the EMA's step); ``stop`` turns SIGTERM/SIGUSR1 into a
+    checkpoint and :class:`~finetune.train.preemption.Preempted` while :meth:`train` runs.
     """
 
     def __init__(self, recipe: Recipe, accelerator: Accelerator, run_dir: Path, meta: dict[str, Any], *,
@@ -69,11 +74,12 @@ class TrainingSession:
         self.optimizer: Any = None
         self.scheduler: Any = None
         self.history: list[dict[str, Any]] = []
-        self.best: tuple[float, float] = (-1.0, 0.0)
+        self.best: tuple[float, float] = NO_SCORE
         self.position = Position()
         self.total_updates = 0
         self.resumed: dict[str, Any] | None = None  # a checkpoint's state until its epoch starts
         self.cache: FeatureCache | None = None
+        self.stop = StopSignals()
         self.cache_reason = feature_cache_reason(recipe, accelerator.unwrap_model(model), freeze_bn=freeze_bn,
                                                  distills=distills)
 
@@ -116,18 +122,24 @@ class TrainingSession:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, phase_index: int, epochs_done: int, batches: int, updates: int,
-                        sums: list[float]) -> None:
+                        sums: list[float]) -> Path:
         """Write the whole state atomically (every process calls this); ``sums`` are this process's
-        running totals of the unfinished epoch (empty at an epoch's end)."""
+        running totals of the unfinished epoch (empty at an epoch's end). Its size and write time go
+        in ``model.json`` (``checkpoint``)."""
         accelerator = self.accelerator
-        write_checkpoint(
+        tic = time.perf_counter()
+        path = write_checkpoint(
             self.run_dir, accelerator, model=accelerator.unwrap_model(self.model),
             ema=self.ema.module if self.ema else None, optimizer=self.optimizer, scheduler=self.scheduler,
             position=Position(phase_index, epochs_done, batches, updates, self.total_updates),
             extra={"history": self.history, "best": list(self.best), "best_epoch": self.meta.get("best_epoch"),
                    "memory_format": self.meta["memory_format"],
                    "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None},
-            rank_state={"sums": sums}, keep=self.recipe.runtime.keep_checkpoints)
+            rank_state={"sums": sums}, keep=self.recipe.runtime.keep_checkpoints,
+            keep_epoch=self.meta.get("best_epoch") if self.recipe.runtime.keep_best_checkpoint else None)
+        self.meta["checkpoint"] = {"name": path.name, "megabytes": round(checkpoint_size(path) / 1e6, 2),
+                                   "seconds": round(time.perf_counter() - tic, 3)}
+        return path
 
     def on_update(self, updates: int, loss: torch.Tensor) -> None:
         """After every optimizer update: count it, move the EMA, report the loss to the trackers (if any)."""
@@ -138,10 +150,28 @@ class TrainingSession:
 
     def on_step(self, phase_index: int, epoch: int, epoch_batches: int, batches: int, updates: int,
                 get_sums: Callable[[], list[float]]) -> None:
-        """After every batch: a mid-epoch checkpoint every ``runtime.checkpoint_every`` updates."""
-        every = self.recipe.runtime.checkpoint_every
-        if every and self.accelerator.sync_gradients and updates % every == 0 and batches < epoch_batches:
-            self.save_checkpoint(phase_index, epoch - 1, batches, updates, get_sums())
+        """After every batch: a mid-epoch checkpoint every ``runtime.checkpoint_every`` updates, and one
+        before stopping when a process received SIGTERM/SIGUSR1 (at an epoch's last batch the epoch
+        finishes first: :meth:`run_epoch` stops after its checkpoint)."""
+        every, sync = self.recipe.runtime.checkpoint_every, self.accelerator.sync_gradients
+        stop = self.stop.agreed(self.accelerator) if sync else None
+        if sync and batches < epoch_batches and (stop or (every and updates % every == 0)):
+            path = self.save_checkpoint(phase_index, epoch - 1, batches, updates, get_sums())
+            if stop:
+                raise Preempted(stop, path, self.total_updates)
+
+    def stopped_early(self) -> bool:
+        """Whether early stopping ends the run here (said once, and recorded in ``model.json``)."""
+        optim = self.recipe.optim
+        if not should_stop(self.history, optim.monitor, optim.patience, optim.min_delta):
+            return False
+        if "stopped_early" not in self.meta:
+            waited = epochs_without_improvement(self.history, optim.monitor, optim.min_delta)
+            self.meta["stopped_early"] = {"after_epoch": self.history[-1]["epoch"], "monitor": optim.monitor,
+                                          "patience": optim.patience}
+            self.accelerator.print(f"early stopping: {optim.monitor} has not improved for {waited} epoch(s); "
+                                   f"best epoch {self.meta.get('best_epoch')}")
+        return True
 
     # -- training --------------------------------------------------------------------------------
     def train(self) -> None:
@@ -151,10 +181,11 @@ class TrainingSession:
                 f"from cached backbone features ({self.recipe.strategy.cache_views} augmented view(s) per image)"
                 if self.cache_reason is None else f"backbone recomputed every epoch: {self.cache_reason}"))
         epochs_before = 0
-        for phase_index, phase in enumerate(self.phases):
-            if epochs_before + phase.epochs > self.position.epochs_done:  # else finished before the checkpoint
-                self.run_phase(phase_index, phase, epochs_before)
-            epochs_before += phase.epochs
+        with self.stop:
+            for phase_index, phase in enumerate(self.phases):
+                if epochs_before + phase.epochs > self.position.epochs_done and not self.stopped_early():
+                    self.run_phase(phase_index, phase, epochs_before)  # (else finished before the checkpoint)
+                epochs_before += phase.epochs
 
     def run_phase(self, phase_index: int, phase: Phase, epochs_before: int) -> None:
         """Set the phase's trainable parameters, optimizer and schedule; train its epochs."""
@@ -177,6 +208,8 @@ class TrainingSession:
         self.scheduler = build_scheduler(self.optimizer, phase, recipe, updates_per_epoch)
         updates = self._restore_phase(phase_index)
         for epoch in range(max(epochs_before, self.position.epochs_done) + 1, epochs_before + phase.epochs + 1):
+            if self.stopped_early():
+                break
             updates = self.run_epoch(phase_index, phase, epoch, net, cached, updates)
 
     def _epoch_batches(self, epoch: int, cached: bool) -> tuple[Any, EpochSampler, Any, torch.memory_format]:
@@ -207,40 +240,43 @@ class TrainingSession:
             on_step=partial(self.on_step, phase_index, epoch, len(self.data.train_loader)),
         )
         train_seconds = time.perf_counter() - tic
-        val_loss, val_top1, evaluated = self.validate(val_batches, fmt, cached)
+        val_loss, val_top1, val_f1, evaluated = self.validate(val_batches, fmt, cached)
         row = {
             "epoch": epoch, "phase": phase.name,
             "lr_head": mean_lrs[0],  # mean over the epoch's steps (warmup and cosine move it)
             "lr_body": mean_lrs[-1] if phase.trains_body else 0.0,
             "train_loss": train_loss, "train_top1": train_top1,
-            "val_loss": val_loss, "val_top1": val_top1,
+            "val_loss": val_loss, "val_top1": val_top1, "val_macro_f1": val_f1,
             "epoch_seconds": time.perf_counter() - tic,
             "train_images_per_s": seen / max(train_seconds, 1e-9),
         }
         self.history.append(row)
         log_epoch(accelerator, row)
+        score = selection_score(row, recipe.optim.monitor)
+        if score > self.best:
+            self.save_best(epoch, score, evaluated)
+        if accelerator.is_main_process:
+            write_log(self.history, self.run_dir)
+        path = self.save_checkpoint(phase_index, epoch, 0, updates, [])
+        accelerator.wait_for_everyone()
+        saved = self.meta["checkpoint"]
         accelerator.print(
             f"epoch {epoch}/{recipe.optim.epochs} [{phase.name}] train loss {train_loss:.4f} acc "
             f"{train_top1:.3f} | val{' (EMA)' if self.ema else ''} loss {val_loss:.4f} acc {val_top1:.3f} | "
-            f"{row['train_images_per_s']:.1f} img/s"
+            f"{row['train_images_per_s']:.1f} img/s | checkpoint {saved['megabytes']:.1f} MB in {saved['seconds']:.2f} s"
         )
-        if (val_top1, -val_loss) > self.best:  # ties on accuracy go to the lower loss
-            self.save_best(epoch, (val_top1, -val_loss), evaluated)
-        if accelerator.is_main_process:
-            write_log(self.history, self.run_dir)
-        self.save_checkpoint(phase_index, epoch, 0, updates, [])
-        accelerator.wait_for_everyone()
+        if stop := self.stop.agreed(accelerator):
+            raise Preempted(stop, path, self.total_updates)
         return updates
 
     def validate(self, batches: Any, memory_format: torch.memory_format,
-                 cached: bool) -> tuple[float, float, nn.Module]:
-        """Validation loss and top-1, and the network measured (the EMA's, when the run keeps one)."""
+                 cached: bool) -> tuple[float, float, float, nn.Module]:
+        """Validation loss, top-1 and macro F1, and the network measured (the EMA's, when the run keeps one)."""
         evaluated = self.ema.module if self.ema is not None else self.model
         net = HeadOnly(self.accelerator.unwrap_model(evaluated)) if cached else evaluated
         logits, labels = gather_logits(net, batches, self.accelerator, memory_format)
-        val_loss = nn.functional.cross_entropy(logits, labels).item()
-        val_top1 = (logits.argmax(1) == labels).float().mean().item()
-        return val_loss, val_top1, evaluated
+        measured = classification_metrics(logits, labels, [str(c) for c in range(logits.shape[1])])
+        return measured["loss"], measured["top1"], measured["macro_f1"], evaluated
 
     def save_best(self, epoch: int, score: tuple[float, float], evaluated: nn.Module) -> None:
         """Record a new best epoch and write its weights (LoRA merged; the adapter too) and ``model.json``."""

@@ -19,26 +19,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch import nn
 
 from finetune.config import Recipe
-from finetune.data import FolderSplit, is_unlabelled_folder, scan_folder, scan_unlabelled
+from finetune.data import (FolderSplit, is_unlabelled_folder, lazy_skip_log, merge_skipped, read_skipped, scan_folder,
+                           scan_unlabelled, write_skipped)
 from finetune.errors import FinetuneError
 from finetune.io import write_json, write_text
 from finetune.metrics import classification_metrics, plot_confusion, plot_curves
 from finetune.models import check_model_name
 from finetune.models.weights import resolve_weights
-from finetune.rundir import RUN_METRICS, RUN_RECIPE, read_run_meta, write_meta
+from finetune.rundir import RUN_METRICS, RUN_RECIPE, RUN_SKIPPED, read_run_meta, write_meta
 from finetune.train.autotune import format_label, training_memory_format
 from finetune.train.build import (BuiltModel, build_ema, build_loaders, build_loss, build_model, build_phases,
                                   distillation_loss_fn, source_run_meta)
-from finetune.train.checkpoints import load_checkpoint
+from finetune.train.checkpoints import load_checkpoint, load_latest_checkpoint
 from finetune.train.loop import gather_logits
 from finetune.train.outputs import (check_run_dir, create_run_dir, model_meta, recipe_for_disk, report_split,
-                                    resume_checkpoint)
+                                    restarted_run, resume_checkpoint)
 from finetune.train.session import RunData, TrainingSession
 from finetune.train.teacher import finish_distillation, start_distillation
 from finetune.train.tracking import end_tracking, start_tracking, tracking
@@ -70,6 +71,7 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
         raise FinetuneError("fit() trains one run; a `task: convert` recipe is a pipeline of runs: run it with "
                             "finetune.run_recipe(recipe) or `finetune train RECIPE`")
     started = time.perf_counter()
+    recipe, overwrite = restarted_run(recipe, overwrite)  # a worker group the elastic agent restarted
     source_meta = check_sources(recipe)  # cheap mistakes first: nothing scanned or created before these
     run_dir = check_run_dir(recipe, overwrite)
     accelerator = make_accelerator(recipe, run_dir)  # a tracker not installed fails here
@@ -82,8 +84,7 @@ def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> Fi
 def _fit(recipe: Recipe, accelerator: Accelerator, run_dir: Path, source_meta: dict[str, Any] | None,
          started: float, progress: bool, overwrite: bool) -> FitResult:
     """:func:`fit` once the recipe, the sources and the run directory are checked."""
-    checkpoint = resume_checkpoint(recipe, run_dir)
-    resumed = open_checkpoint(checkpoint, accelerator)
+    checkpoint, resumed = open_checkpoint(recipe, run_dir, accelerator)
     split, unlabelled = scan_data(recipe, source_meta)
     if checkpoint is None:
         create_run_dir(run_dir, accelerator, overwrite)
@@ -162,19 +163,32 @@ def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
                        gradient_accumulation_steps=recipe.optim.grad_accum, **trackers)
 
 
-def open_checkpoint(checkpoint: Path | None, accelerator: Accelerator) -> dict[str, Any] | None:
-    """This process's view of the checkpoint to resume from (``None`` for a new run)."""
+def open_checkpoint(recipe: Recipe, run_dir: Path,
+                    accelerator: Accelerator) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint to resume from and this process's view of it (``None, None`` for a new run).
+    ``--resume`` alone takes the newest checkpoint that reads back whole."""
+    checkpoint = resume_checkpoint(recipe, run_dir)
     if checkpoint is None:
-        return None
-    resumed = load_checkpoint(checkpoint, accelerator.process_index)
+        return None, None
+    if recipe.runtime.resume == "latest":
+        checkpoint, resumed = load_latest_checkpoint(run_dir, accelerator.process_index, warn=accelerator.print)
+    else:
+        resumed = load_checkpoint(checkpoint, accelerator.process_index)
     if resumed["world_size"] != accelerator.num_processes:
         raise FinetuneError(f"checkpoint `{checkpoint}` was written by {resumed['world_size']} process(es), this "
                             f"run has {accelerator.num_processes}; resume with the same number of processes")
-    return resumed
+    return checkpoint, resumed
 
 
 def scan_data(recipe: Recipe, source_meta: dict[str, Any] | None) -> tuple[FolderSplit, bool]:
-    """The train/val split of the data folder, and whether the folder is unlabelled."""
+    """The train/val split of the data folder, and whether the folder is unlabelled.
+
+    One scan per job: the main process of each machine scans first and fills the scan cache
+    (:mod:`finetune.data.scan_cache`); the other processes wait, then take every verdict from the
+    cache. The main process prints what the scan did, with the job's totals when there are several
+    processes (``scan: N images, D decoded, C from cache (S s)``). With ``check_images: lazy`` the
+    split carries the :class:`~finetune.data.skiplog.SkipLog` its datasets record failed loads in.
+    """
     data_root = recipe.require_data()
     # Distillation also works on a folder of loose, unlabelled images: the KD (+ feature) terms need
     # no labels, and the teacher's predictions serve as validation labels.
@@ -183,8 +197,28 @@ def scan_data(recipe: Recipe, source_meta: dict[str, Any] | None) -> tuple[Folde
         raise FinetuneError("an unlabelled folder can only train a student run: pass --student RUN_DIR "
                             "(e.g. from `finetune convert`) with --teacher")
     scan = scan_unlabelled if unlabelled else scan_folder
-    split = scan(data_root, val_fraction=recipe.data.val_fraction, seed=recipe.runtime.seed,
-                 check_images=recipe.data.check_images)
+    state = PartialState()
+    lazy = recipe.data.check_images == "lazy"
+    skip_log = lazy_skip_log(recipe.runtime.out, state.process_index) if lazy else None
+    if skip_log is not None and recipe.runtime.resume is None:
+        skip_log.clear()  # records of a run this one overwrites; a resumed run keeps its own
+    if not state.is_local_main_process:
+        state.wait_for_everyone()  # the machine's main process scans first, filling the cache
+    try:
+        split = scan(data_root, val_fraction=recipe.data.val_fraction, seed=recipe.runtime.seed,
+                     check_images=recipe.data.check_images)
+    finally:  # also when it raises: the others then scan (from the cache) and raise the same error
+        if state.is_local_main_process:
+            state.wait_for_everyone()
+    counts = gather_object([split.scan])  # every process's, in rank order (a collective: all call it)
+    line = f"scan: {split.scan.describe()}"
+    if len(counts) > 1:
+        line += (f"; {len(counts)} processes: {sum(c.decoded for c in counts)} decoded, "
+                 f"{sum(c.cached for c in counts)} from cache in total")
+    if recipe.data.check_images is not True:
+        line += f"; check_images {'lazy' if lazy else 'false'}: nothing decoded before training"
+    state.print(line)
+    split.skip_log = skip_log
     if unlabelled:
         split.classes = list(source_meta["classes"])
     return split, unlabelled
@@ -205,9 +239,26 @@ def prepare_data(recipe: Recipe, split: FolderSplit, built: BuiltModel, accelera
 
 def write_results(recipe: Recipe, accelerator: Accelerator, run_dir: Path, meta: dict[str, Any],
                   metrics: dict[str, Any], history: list[dict[str, Any]], classes: list[str]) -> None:
-    """``metrics.json``, the confusion and curve plots, and ``model.json`` marked complete (main process)."""
+    """``metrics.json``, the confusion and curve plots, and ``model.json`` marked complete (main process).
+
+    With ``check_images: lazy`` every process first hands the files that failed to load during
+    training (its own and its loader workers', :class:`~finetune.data.skiplog.SkipLog`) to the main
+    process, which adds them to ``skipped.txt`` and prints how many there were.
+    """
+    late = None
+    if recipe.data.check_images == "lazy":
+        log = lazy_skip_log(recipe.runtime.out, accelerator.process_index)
+        late = merge_skipped(gather_object(log.read()))  # a collective: every process calls it
+        log.clear()
     if not accelerator.is_main_process:
         return
+    if late is not None:
+        skipped = merge_skipped(read_skipped(run_dir / RUN_SKIPPED), late)
+        if late:
+            write_skipped(skipped, run_dir / RUN_SKIPPED)
+        meta.setdefault("data", {}).update(skipped_images=len(skipped), skipped_during_training=len(late))
+        accelerator.print(f"check_images lazy: {len(late)} image(s) failed to load during training and were "
+                          "replaced by other images" + (f"; list in {run_dir / RUN_SKIPPED}" if late else ""))
     write_json(run_dir / RUN_METRICS, metrics)
     plot_confusion(metrics["confusion"], classes, run_dir / "confusion.png",
                    title=f"{recipe.model.name} — validation (top-1 {metrics['top1']:.3f})")
