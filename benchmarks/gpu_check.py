@@ -601,7 +601,7 @@ def run_all(args: argparse.Namespace) -> int:
         left = args.budget_s - (time.monotonic() - start)
         share = WEIGHTS[name] / sum(list(WEIGHTS.values())[i:])
         if left * share < 5:
-            result = {"ok": False, "error": f"skipped: {left:.0f} s of the budget left"}
+            result = {"ok": False, "error": f"skipped: its share of the {left:.0f} s left is under 5 s"}
         else:
             result = spawn_section(name, left * share, args, workdir)
         report["sections"][name] = result
