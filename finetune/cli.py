@@ -1,4 +1,4 @@
-"""The ``finetune`` command line: train, eval, predict, models, demo, convert, distill.
+"""The ``finetune`` command line: train, eval, predict, push, models, demo, convert, distill.
 
 Every user mistake ends in one line on stderr (``finetune: error: …``) and exit code 2.
 
@@ -18,7 +18,7 @@ from typing import Sequence
 from finetune.version import __version__
 from finetune.config import SHORT_KEYS, Recipe, base_type, field_specs
 from finetune.errors import FinetuneError, one_line
-from finetune.train.launch import EXIT_PREEMPTED, lost_peer
+from finetune.train.launch import EXIT_PREEMPTED, add_launch_arguments, lost_peer
 from finetune.train.preemption import Preempted
 
 EPILOG_TRAIN = """examples:
@@ -70,22 +70,6 @@ def _recipe_from_args(args: argparse.Namespace) -> Recipe:
     recipe = Recipe.from_dict({}, overrides=overrides)
     recipe.require_data()
     return recipe
-
-
-def _add_launch_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("several processes and machines (torch's elastic agent; gloo on CPU, "
-                                      "NCCL on GPUs; see finetune/train/launch.py)")
-    group.add_argument("--num-processes", type=int, default=1, metavar="N", help="training processes on this machine")
-    group.add_argument("--max-restarts", type=int, default=0, metavar="R",
-                       help="restart the whole group up to R times when a process dies; it resumes from the "
-                            "latest checkpoint by itself")
-    group.add_argument("--num-machines", type=int, default=1, metavar="M", help="machines taking part")
-    group.add_argument("--machine-rank", type=int, default=0, metavar="R",
-                       help="this machine's rank, 0..M-1 (machine 0 hosts the rendezvous)")
-    group.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="c10d rendezvous on machine 0 (same everywhere)")
-    group.add_argument("--rdzv-id", metavar="ID", help="job id, the same on every machine (default: $SLURM_JOB_ID)")
-    group.add_argument("--main-process-ip", help="machine 0's address (with --main-process-port: the endpoint)")
-    group.add_argument("--main-process-port", type=int, help="rendezvous port (same on every machine)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -190,6 +174,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for r in results:
             cells = r.error and f"skipped: {r.error}" or "  ".join(f"{l} {p:.3f}" for l, p in zip(r.labels, r.probs))
             print(f"{str(r.path):<{width}}  {cells}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from finetune.hub import push_run
+
+    print(f"uploaded {args.run} to {push_run(args.run, args.repo_id, private=args.private)}")
     return 0
 
 
@@ -324,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", nargs="?", help="optional recipe: a name from `finetune recipes` or a YAML file "
                        "(e.g. a run's recipe.yaml); flags and --set override it")
     _add_recipe_flags(train)
-    _add_launch_flags(train)
+    add_launch_arguments(train)
     train.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out directory")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=cmd_train)
@@ -336,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("recipe", nargs="?", help=argparse.SUPPRESS)
     di.add_argument("--student", dest="model", help="run directory of the student (e.g. from `finetune convert`)")
     _add_recipe_flags(di)
-    _add_launch_flags(di)
+    add_launch_arguments(di)
     di.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out directory")
     di.add_argument("--no-progress", action="store_true", help="no progress bars")
     di.set_defaults(func=cmd_distill)
@@ -358,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="JSON output")
     fmt.add_argument("--csv", action="store_true", help="CSV output")
     pr.set_defaults(func=cmd_predict)
+
+    pu = sub.add_parser("push", help="upload a run to the Hugging Face Hub (timm format, with a model card)")
+    pu.add_argument("run", help="run directory written by `finetune train`")
+    pu.add_argument("--repo-id", required=True, help="NAMESPACE/NAME of the Hub model repository")
+    pu.add_argument("--private", action="store_true", help="create the repository private")
+    pu.set_defaults(func=cmd_push)
 
     mo = sub.add_parser("models", help="model families, where their weights come from, and availability")
     mo.add_argument("--offline-only", action="store_true", help="only the models with offline weights")

@@ -39,7 +39,7 @@ from finetune.io import model_state_dict, read_json, save_weights, write_json, w
 from finetune.models.builders import build_model, builder_ref, check_builder_kwargs, is_builder_ref
 from finetune.models import create_model, default_data_config
 from finetune.models.state import load_checked
-from finetune.models.weights import check_model_name
+from finetune.models.weights import check_model_name, model_source
 from finetune.version import __version__
 
 RUN_META = "model.json"
@@ -53,9 +53,12 @@ RUN_ADAPTER = "adapter"
 RUN_CHECKPOINTS = "checkpoints"
 #: The elastic agent's run id of the job that created the folder (a restarted worker group may start it over).
 RUN_JOB = ".elastic-job"
+#: timm's / the Hub's model-folder files (:mod:`finetune.hub`): ``timm.create_model("local-dir:RUN", pretrained=True)``
+RUN_TIMM_CONFIG = "config.json"
+RUN_CARD = "README.md"
 #: Everything ``finetune train`` writes into a run directory (``--overwrite`` removes exactly these).
 RUN_ARTEFACTS = (RUN_WEIGHTS, RUN_META, RUN_METRICS, RUN_LOG, "confusion.png", "curves.png", RUN_RECIPE,
-                 RUN_SKIPPED, RUN_CHECKPOINTS, RUN_ADAPTER, RUN_JOB, "eval-*")
+                 RUN_SKIPPED, RUN_CHECKPOINTS, RUN_ADAPTER, RUN_JOB, RUN_TIMM_CONFIG, RUN_CARD, "eval-*")
 #: The columns of ``log.csv``, one row per epoch.
 LOG_COLUMNS = (
     "epoch", "phase", "lr_head", "lr_body", "train_loss", "train_top1",
@@ -118,7 +121,7 @@ def load_model(
     if is_run_dir(name_or_run):
         return load_run(Path(name_or_run), img_size)
     name = str(name_or_run)
-    if os.sep in name or Path(name).exists():
+    if model_source(name) is None and (os.sep in name or Path(name).exists()):
         read_run_meta(name)  # raises the "not a run directory" message
     return create_model(name, weights=weights, num_classes=num_classes, img_size=img_size, **timm_kwargs)
 

@@ -24,6 +24,25 @@ def run_finetune(*args: str, timeout: float = 300, **popen_kwargs) -> subprocess
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def latest_updates(run_dir) -> int:
+    """Optimizer updates of the checkpoint ``RUN/checkpoints/latest`` names (0 while there is none)."""
+    try:
+        return int((run_dir / "checkpoints" / "latest").read_text().split("-")[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def wait_for_checkpoint(job: subprocess.Popen, run_dir, updates: int, timeout: float = 240) -> None:
+    """Poll until ``job`` has named a checkpoint of at least ``updates`` updates (fail if it ends first)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while latest_updates(run_dir) < updates:
+        assert job.poll() is None, job.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.01)
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random BN affine + running stats: timm zero-inits the last BN of each residual block,
     which would hide any error in the conv before it."""

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from finetune.data.demo import write_demo_folder
 from finetune.train.checkpoints import find_checkpoint, load_checkpoint
 from finetune.train.launch import EXIT_PREEMPTED, free_port
-from helpers import run_finetune, start_finetune
+from helpers import run_finetune, start_finetune, wait_for_checkpoint
 
 COMMON = ["--model", "mobilenetv2_100", "--weights", "offline", "--epochs", "2", "--img-size", "32",
           "--memory-format", "contiguous", "--no-progress"]
@@ -53,21 +53,6 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), "final weights differ"
     best_a, best_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
-
-
-def latest_updates(run_dir: Path) -> int:
-    try:
-        return int((run_dir / "checkpoints" / "latest").read_text().split("-")[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def wait_for_checkpoint(job: subprocess.Popen, run_dir: Path, updates: int, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while latest_updates(run_dir) < updates:
-        assert job.poll() is None, job.stderr.read()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint in time"
-        time.sleep(0.01)
 
 
 def workers(job: subprocess.Popen) -> list[int]:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from finetune.data.demo import write_demo_folder
 from finetune.train.checkpoints import complete_checkpoints, find_checkpoint, load_checkpoint
 from finetune.train.launch import EXIT_PREEMPTED
-from helpers import run_finetune, start_finetune
+from helpers import run_finetune, start_finetune, wait_for_checkpoint
 
 TRAIN = ["--model", "mobilenetv2_100", "--weights", "offline", "--epochs", "2", "--img-size", "32",
          "--batch-size", "32", "--memory-format", "contiguous", "--checkpoint-every", "1", "--no-progress"]
@@ -30,13 +30,6 @@ def ok(*args: str) -> None:
     result = run_finetune(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def latest_updates(run_dir: Path) -> int:
-    try:
-        return int((run_dir / "checkpoints" / "latest").read_text().split("-")[1])
-    except (OSError, IndexError, ValueError):
-        return 0
 
 
 def same_final_weights(a: Path, b: Path) -> bool:
@@ -64,10 +57,7 @@ def reference(data, tmp_path_factory) -> Path:
 def test_a_signal_checkpoints_exits_75_and_resume_is_bit_identical(data, reference, tmp_path, sig):
     out = tmp_path / "run"
     job = start_finetune("train", "--data", str(data), *TRAIN, "--out", str(out))
-    deadline = time.monotonic() + 240
-    while latest_updates(out) < 2:
-        assert job.poll() is None and time.monotonic() < deadline, job.stderr.read()[-3000:]
-        time.sleep(0.01)
+    wait_for_checkpoint(job, out, 2)
     signalled = time.monotonic()
     job.send_signal(sig)
     _, stderr = job.communicate(timeout=60)
@@ -125,10 +115,7 @@ def test_early_stopping_stops_at_the_right_epoch_keeps_the_best_and_resume_train
 def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(data, reference, tmp_path):
     out = tmp_path / "run"
     job = start_finetune("train", "--data", str(data), *TRAIN, "--out", str(out))
-    deadline = time.monotonic() + 240
-    while latest_updates(out) < 7:
-        assert job.poll() is None and time.monotonic() < deadline, job.stderr.read()[-3000:]
-        time.sleep(0.01)
+    wait_for_checkpoint(job, out, 7)
     job.send_signal(signal.SIGKILL)
     job.wait()
     newest, previous = complete_checkpoints(out)[:2]

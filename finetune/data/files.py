@@ -25,7 +25,7 @@ from finetune.data.scan_cache import ScanStats, check_paths
 from finetune.errors import FinetuneError
 from finetune.io import write_text
 
-__all__ = ["IMAGE_EXTENSIONS", "Skipped", "find_images", "list_images", "merge_skipped", "read_skipped",
+__all__ = ["IMAGE_EXTENSIONS", "Skipped", "find_images", "list_images", "merge_skipped", "read_skipped", "sort_key",
            "write_skipped"]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -72,6 +72,19 @@ def subdirs(path: Path) -> list[str]:
     return sorted(e.name for e in _listdir(path) if not is_ignored(e.name) and e.is_dir())
 
 
+def sort_key(path: str | os.PathLike) -> str:
+    """A string that sorts like ``path`` does among paths of the same anchor (``sorted(paths, key=sort_key)``).
+
+    ``Path`` objects compare part by part, in Python, which takes seconds for 100,000 paths; this key
+    puts the separator below every other character, so plain string comparison gives the same order.
+
+    >>> names = ["a/b", "a-b/c", "a.b", "a/b-c", "ab", "a/b/c"]
+    >>> sorted(map(Path, names)) == sorted(map(Path, names), key=sort_key)
+    True
+    """
+    return os.path.normcase(os.fspath(path)).replace(os.sep, "\0")
+
+
 def walk_images(top: Path) -> list[Path]:
     """Files with an image extension under ``top`` (recursive, sorted, junk ignored).
 
@@ -90,10 +103,11 @@ def walk_images(top: Path) -> list[Path]:
             if is_ignored(entry.name):
                 continue
             if entry.is_dir():
-                stack.append(Path(entry.path))
+                stack.append(folder / entry.name)
             elif has_image_ext(entry.name):
-                found.append(Path(entry.path))  # includes broken links: reported as Skipped
-    return sorted(found)
+                found.append(folder / entry.name)  # includes broken links: reported as Skipped
+    found.sort(key=sort_key)  # the order of sorted(found), several times faster
+    return found
 
 
 def loose_images(folder: Path) -> int:

@@ -34,6 +34,7 @@ from finetune.errors import one_line
 __all__ = ["check_file", "check_files", "failure_reason", "load_rgb", "to_rgb"]
 
 _CHECK_SIZE = (64, 64)  # JPEGs are decoded at reduced scale (>= this size) when checking
+_CHUNK = 64  # files per thread-pool task in check_files
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
@@ -189,13 +190,23 @@ def check_files(paths: Sequence[Path], check_images: bool) -> dict[Path, str]:
     PIL releases the GIL while decoding, so threads scale on both I/O and CPU. The
     decompression-bomb warning is turned into an error for the duration of the scan.
     ``check_images=False`` skips decoding (see :func:`check_file`).
+
+    The pool is handed chunks of up to :data:`_CHUNK` files, not one task per file: a ``Future`` per
+    file took more memory than the file's index entry (about 2 KB per file at the peak for 100,000
+    files) and more time than a ``stat`` (15 s of thread hand-offs for 100,000 files on 2 cores).
+    Chunks stay small enough for every thread to get several.
     """
     if not paths:
         return {}
+    paths = list(paths)
     workers = min(32, (os.cpu_count() or 1) + 4, len(paths))
+    size = max(1, min(_CHUNK, len(paths) // (4 * workers)))
+    chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
     Image.init()  # register every plugin before threads race to do it
+    bad: dict[Path, str] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan") as pool:
-            reasons = list(pool.map(lambda p: check_file(p, check_images), paths))
-    return {p: r for p, r in zip(paths, reasons) if r is not None}
+            for chunk, reasons in zip(chunks, pool.map(lambda c: [check_file(p, check_images) for p in c], chunks)):
+                bad.update((p, r) for p, r in zip(chunk, reasons) if r is not None)
+    return bad

@@ -109,7 +109,7 @@ def _checker() -> str:
     return f"{Image.__version__}|{Image.MAX_IMAGE_PIXELS}|{bool(ImageFile.LOAD_TRUNCATED_IMAGES)}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Key:
     directory: str  # resolved
     name: str
@@ -167,18 +167,22 @@ class _Shards:
                 return
 
 
-def _identify(path: Path, real_dirs: dict[Path, str]) -> tuple[_Key | None, str | None]:
-    """The cache key of ``path`` (resolved, size, mtime), or the reason it is unusable without decoding."""
+def _identify(path: Path, real_dirs: dict[str, str]) -> tuple[_Key | None, str | None]:
+    """The cache key of ``path`` (resolved, size, mtime), or the reason it is unusable without decoding.
+
+    ``real_dirs`` maps each folder as given to its resolved path (one ``realpath`` per folder).
+    """
     try:
-        info = os.lstat(path)
+        text = os.fspath(path)
+        info = os.lstat(text)
         if stat.S_ISLNK(info.st_mode):
-            info = os.stat(path)
-            directory, name = os.path.split(os.path.realpath(path))
+            info = os.stat(text)
+            directory, name = os.path.split(os.path.realpath(text))
         else:
-            parent = path.parent
-            if parent not in real_dirs:
-                real_dirs[parent] = os.path.realpath(parent)
-            directory, name = real_dirs[parent], path.name
+            parent, name = os.path.split(text)  # string work: Path.parent/.name cost more than the lstat
+            directory = real_dirs.get(parent)
+            if directory is None:
+                directory = real_dirs[parent] = os.path.realpath(parent or os.curdir)
     except OSError as exc:
         return None, failure_reason(exc)
     if not stat.S_ISREG(info.st_mode):
@@ -229,5 +233,6 @@ def check_paths(paths: Sequence[Path], check_images: bool | str = True, *,
         if (reason is None or reason.startswith(_CACHEABLE)) and key.mtime_ns < settled_ns:
             shards.put(key, reason)
     shards.save()
-    bad = {p: bad[p] for p in paths if p in bad}  # in the order given
+    if bad:
+        bad = {p: bad[p] for p in paths if p in bad}  # in the order given
     return bad, ScanStats(len(paths), len(misses), hits, time.perf_counter() - started)

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import timm
 import torch
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, one_line
 from finetune.models.weights import check_model_name, resolve_weights
 
 #: The families this toolkit is built and tested for (any timm CNN loads, though).
@@ -71,8 +71,16 @@ def create_model(
     if num_classes is not None:
         kwargs["num_classes"] = int(num_classes)
     kwargs.update(timm_kwargs)
-    model = timm.create_model(name, **kwargs)
-    if num_classes is not None and plan.pretrained and model.num_classes != 1000:
+    try:
+        model = timm.create_model(name, **kwargs)
+    except Exception as error:  # noqa: BLE001 -- a repository or folder timm cannot read: one line
+        if plan.source not in ("hf-hub", "local-dir"):
+            raise
+        raise FinetuneError(f"could not load `{name}` ({type(error).__name__}: {one_line(error, 160)}); check the "
+                            "name, the network (hf-hub:) or the folder's config.json and weights") from None
+    # a new head when the class count differs from the weights' (1000 for ImageNet; a model folder's own)
+    if num_classes is not None and plan.pretrained and model.num_classes != model.pretrained_cfg.get("num_classes",
+                                                                                                    1000):
         _init_fresh_head(model)
     model.eval()
     model.pretrained_cfg = {**model.pretrained_cfg, "weights_source": plan.description}

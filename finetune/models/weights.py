@@ -180,6 +180,10 @@ def resolve_weights(name: str, weights: str | os.PathLike = "auto") -> WeightsPl
     keyword = weights.lower() if isinstance(weights, str) else None
     if keyword == "none":
         return WeightsPlan("none", False, None, "random initialisation (no pretrained weights)")
+    if model_source(name) is not None:  # the folder or repository holds the weights
+        if keyword not in ("auto", "hub"):
+            raise FinetuneError(f"--weights {weights}: `{name}` brings its own weights; use --weights auto or none")
+        return WeightsPlan(model_source(name), True, None, f"the weights of `{name}`")
     if keyword == "auto":
         keyword = "offline" if offline_available(name) else "hub"
     if keyword == "offline":
@@ -267,11 +271,38 @@ def _classifier_names(name: str) -> tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names or ())
 
 
+#: timm's model sources: a Hub repository or a local model folder (``config.json`` + weights)
+MODEL_SOURCES = ("hf-hub:", "local-dir:")
+
+
+def model_source(name: str) -> str | None:
+    """``hf-hub`` or ``local-dir`` for a prefixed model name, ``None`` for a timm registry name.
+
+    >>> model_source("hf-hub:me/lite0-photos"), model_source("mobilenetv2_100")
+    ('hf-hub', None)
+    """
+    return next((prefix[:-1] for prefix in MODEL_SOURCES if str(name).startswith(prefix)), None)
+
+
 def check_model_name(name: str) -> None:
     """Raise a one-line error with close matches when timm does not know ``name``.
 
+    ``hf-hub:NAMESPACE/NAME`` and ``local-dir:FOLDER`` (a timm model folder, e.g. a run directory) are
+    accepted wherever a timm name is.
+
     >>> check_model_name("mobilenetv2_100")
     """
+    source = model_source(name)
+    if source == "local-dir":
+        folder = Path(name.split(":", 1)[1]).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FinetuneError(f"`{name}`: `{folder}` is not a timm model folder (no config.json); pass a run "
+                                "directory of `finetune train` (or the folder itself to continue from it)")
+        return
+    if source == "hf-hub":
+        if name.count("/") != 1 or name.endswith("/"):
+            raise FinetuneError(f"`{name}`: give hf-hub:NAMESPACE/NAME, e.g. hf-hub:timm/mobilenetv2_100.ra_in1k")
+        return
     if timm.is_model(name):
         return
     hint = did_you_mean(name, timm.list_models(), n=3).strip() or "see `finetune models`"

@@ -104,6 +104,23 @@ LAUNCH_FLAGS = ("--num-processes", "--num-machines", "--machine-rank", "--max-re
                 "--rdzv-id", "--main-process-ip", "--main-process-port")
 
 
+def add_launch_arguments(parser) -> None:
+    """The launch flags of ``finetune train`` / ``distill`` (an ``argparse`` parser), mapped by :func:`launch`."""
+    group = parser.add_argument_group("several processes and machines (torch's elastic agent; gloo on CPU, "
+                                      "NCCL on GPUs; see finetune/train/launch.py)")
+    group.add_argument("--num-processes", type=int, default=1, metavar="N", help="training processes on this machine")
+    group.add_argument("--max-restarts", type=int, default=0, metavar="R",
+                       help="restart the whole group up to R times when a process dies; it resumes from the "
+                            "latest checkpoint by itself")
+    group.add_argument("--num-machines", type=int, default=1, metavar="M", help="machines taking part")
+    group.add_argument("--machine-rank", type=int, default=0, metavar="R",
+                       help="this machine's rank, 0..M-1 (machine 0 hosts the rendezvous)")
+    group.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="c10d rendezvous on machine 0 (same everywhere)")
+    group.add_argument("--rdzv-id", metavar="ID", help="job id, the same on every machine (default: $SLURM_JOB_ID)")
+    group.add_argument("--main-process-ip", help="machine 0's address (with --main-process-port: the endpoint)")
+    group.add_argument("--main-process-port", type=int, help="rendezvous port (same on every machine)")
+
+
 def worker_argv(argv: Sequence[str], run_dir: str | os.PathLike) -> list[str]:
     """The workers' command line: ``argv`` without the launch flags, with ``--out`` fixed (so every
     worker and every restart writes to the same run directory).

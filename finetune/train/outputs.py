@@ -20,6 +20,7 @@ from finetune.config.recipe import Recipe
 from finetune.data import FolderSplit, write_skipped
 from finetune.errors import FinetuneError
 from finetune.io import write_text
+from finetune.models.weights import model_source
 from finetune.rundir import RUN_ARTEFACTS, RUN_CHECKPOINTS, RUN_JOB, RUN_RECIPE, RUN_SKIPPED, make_run_meta
 from finetune.train.checkpoints import find_checkpoint
 from finetune.train.launch import restart_count
@@ -161,7 +162,11 @@ def model_meta(recipe: Recipe, split: FolderSplit, data_config: dict, model: nn.
         extra["started_from"] = recipe.model.name
     if recipe.distill.teacher is not None:
         extra["teacher"] = recipe.distill.teacher
-    return make_run_meta(architecture=source["architecture"] if source_meta else recipe.model.name,
+    # a model from hf-hub:/local-dir: is recorded as its timm architecture (the folder may go away)
+    architecture = source["architecture"] if source_meta else recipe.model.name
+    if model_source(architecture) is not None:
+        architecture = model.pretrained_cfg["architecture"]
+    return make_run_meta(architecture=architecture,
                          classes=split.classes, data_config=data_config,
                          builder=source.get("builder"), builder_kwargs=source.get("builder_kwargs"),
                          separable_plan=source.get("separable_plan"),

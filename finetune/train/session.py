@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from finetune.config import Recipe
 from finetune.data import ImageDataset
 from finetune.data.sampling import EpochSampler
+from finetune.hub import write_timm_config
 from finetune.io import model_state_dict
 from finetune.metrics import classification_metrics
 from finetune.rundir import RUN_ADAPTER, RUN_WEIGHTS, write_log, write_meta, write_weights
@@ -285,7 +286,9 @@ class TrainingSession:
         if not self.accelerator.is_main_process:
             return
         saved = self.accelerator.unwrap_model(evaluated)
-        write_weights(self.run_dir, model_state_dict(plain_model(saved, self.recipe)), self.meta)
+        plain = plain_model(saved, self.recipe)
+        write_weights(self.run_dir, model_state_dict(plain), self.meta)
+        write_timm_config(self.run_dir, plain, self.meta)  # the run folder is a timm model folder too
         if self.recipe.lora.enabled:
             from finetune.adapters import save_adapter  # LoRA runs only: peft adds seconds to every start
 

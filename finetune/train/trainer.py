@@ -28,6 +28,7 @@ from finetune.config import Recipe
 from finetune.data import (FolderSplit, is_unlabelled_folder, lazy_skip_log, merge_skipped, read_skipped, scan_folder,
                            scan_unlabelled, write_skipped)
 from finetune.errors import FinetuneError
+from finetune.hub import write_model_card
 from finetune.io import write_json, write_text
 from finetune.metrics import classification_metrics, plot_confusion, plot_curves
 from finetune.models import check_model_name
@@ -60,8 +61,8 @@ class FitResult:
 def fit(recipe: Recipe, *, progress: bool = True, overwrite: bool = False) -> FitResult:
     """Fine-tune ``recipe.model.name`` on the image folder ``recipe.data.root``; write a run directory.
 
-    The run directory holds ``model.safetensors`` (best epoch by validation top-1; it loads in
-    plain timm, LoRA merged in), ``model.json``, ``metrics.json``, ``log.csv``, ``curves.png``,
+    The run directory holds ``model.safetensors`` (the best epoch by ``optim.monitor``, validation
+    top-1 by default; it loads in plain timm, LoRA merged in), ``model.json``, ``metrics.json``, ``log.csv``, ``curves.png``,
     ``confusion.png``, ``recipe.yaml`` (re-runnable: ``finetune train RUN/recipe.yaml``),
     ``skipped.txt`` when images were skipped and, with LoRA, ``adapter/`` in peft's format
     (names: :mod:`finetune.rundir`). A ``task: convert`` recipe is several runs, not one: it is
@@ -266,3 +267,4 @@ def write_results(recipe: Recipe, accelerator: Accelerator, run_dir: Path, meta:
     meta["status"] = "complete"
     meta["val_top1"] = metrics["top1"]
     write_meta(run_dir, meta)
+    write_model_card(run_dir)
