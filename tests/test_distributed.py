@@ -100,6 +100,7 @@ def test_two_processes_match_one_process_at_the_same_global_batch(one_process, t
     assert rel[len(rel) // 2] < 1e-4 and rel[-1] < 2e-2, (rel[len(rel) // 2], rel[-1])
 
 
+@pytest.mark.slow
 def test_torchrun_gives_the_same_weights_as_the_launcher(data, two_processes, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -139,6 +140,7 @@ def test_a_killed_worker_restarts_bit_identical_ten_random_points(data, two_proc
     assert_same_weights(two_processes, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_two_process_run_resumes_bit_identical_after_the_job_is_killed(data, two_processes, tmp_path):
     out = tmp_path / "run"
     job = start("train", "--data", str(data), *TWO, "--out", str(out))

@@ -25,7 +25,8 @@ def data(tmp_path_factory) -> Path:
     return write_demo_folder(tmp_path_factory.mktemp("hub") / "data", train_per_class=8, val_per_class=3)
 
 
-@pytest.fixture(scope="module", params=["mobilenetv2_100", "tf_efficientnet_lite0"])
+@pytest.fixture(scope="module", params=["mobilenetv2_100",
+                                        pytest.param("tf_efficientnet_lite0", marks=pytest.mark.slow)])
 def run_dir(request, data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / request.param
     result = run_finetune("train", "--data", str(data), "--model", request.param, *TRAIN, "--out", str(out))

@@ -53,7 +53,7 @@ def reference(data, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_a_signal_checkpoints_exits_75_and_resume_is_bit_identical(data, reference, tmp_path, sig):
     out = tmp_path / "run"
     job = start_finetune("train", "--data", str(data), *TRAIN, "--out", str(out))

@@ -172,8 +172,9 @@ def find_images(
             raise FinetuneError(f"`{path}` does not exist; pass image files or folders of images")
     candidates = list(dict.fromkeys(candidates))
     bad, stats = check_paths(candidates, check_images)
-    skipped += [Skipped(p, bad[p]) for p in candidates if p in bad]
-    return [p for p in candidates if p not in bad], skipped, stats
+    skipped += [Skipped(p, r) for p, r in bad.items()]  # in the order of candidates
+    bad_ids = {id(p) for p in bad}  # by identity: `p in bad` would hash (and grow) every Path
+    return [p for p in candidates if id(p) not in bad_ids], skipped, stats
 
 
 def clean_field(text: str) -> str:

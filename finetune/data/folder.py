@@ -235,8 +235,9 @@ def scan_folder(
     all_paths = [p for files in (*train_files.values(), *val_files.values()) for p in files]
     bad, stats = check_paths(all_paths, check_images)
     skipped = [Skipped(p, bad[p]) for p in sorted(bad, key=sort_key)]
-    good = {c: [p for p in fs if p not in bad] if bad else fs for c, fs in train_files.items()}
-    good_val = {c: [p for p in fs if p not in bad] if bad else fs for c, fs in val_files.items()}
+    bad_ids = {id(p) for p in bad}  # by identity: `p in bad` would hash (and grow) every Path
+    good = {c: [p for p in fs if id(p) not in bad_ids] if bad else fs for c, fs in train_files.items()}
+    good_val = {c: [p for p in fs if id(p) not in bad_ids] if bad else fs for c, fs in val_files.items()}
 
     empty = [c for c in sorted(good) if not good[c]]
     classes = [c for c in sorted(good) if good[c]]
@@ -252,7 +253,7 @@ def scan_folder(
             f"at least 2 class folders, e.g. `{train_dir}/cat/` and `{train_dir}/dog/`"
         )
     for c in empty:
-        n_bad = sum(p in bad for p in train_files[c])
+        n_bad = sum(id(p) in bad_ids for p in train_files[c])
         why = f" ({n_bad} unreadable file(s) skipped)" if n_bad else ""
         n_val = len(good_val.get(c, []))
         also = f"; its {n_val} val image(s) are not used" if n_val else ""
@@ -335,7 +336,8 @@ def scan_labelled(
                 f"(which knows {_names(classes)}); remove or rename them"
             )
     bad, _ = check_paths(all_paths, check_images)
-    good = {c: [p for p in fs if p not in bad] for c, fs in files.items()}
+    bad_ids = {id(p) for p in bad}
+    good = {c: [p for p in fs if id(p) not in bad_ids] for c, fs in files.items()}
     good = {c: fs for c, fs in good.items() if fs}
     if not good:
         raise FinetuneError(

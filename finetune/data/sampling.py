@@ -48,15 +48,19 @@ class EpochSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def order(self) -> list[int]:
+    def permutation(self) -> np.ndarray:
+        """This epoch's order as an int64 array (8 bytes per image; a list of ints takes 36)."""
         if not self.shuffle:
-            return list(range(self.n))
+            return np.arange(self.n, dtype=np.int64)
         generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
-        return torch.randperm(self.n, generator=generator).tolist()
+        return torch.randperm(self.n, generator=generator).numpy()
+
+    def order(self) -> list[int]:
+        return self.permutation().tolist()
 
     def __iter__(self) -> Iterator[int]:
         base = self.epoch * self.n
-        return iter([base + i for i in self.order()])
+        return (base + int(i) for i in self.permutation())
 
     def __len__(self) -> int:
         return self.n

@@ -199,7 +199,9 @@ def check_paths(paths: Sequence[Path], check_images: bool | str = True, *,
     With ``check_images`` true, files the cache knows (same resolved path, size and mtime) are not
     decoded; the others are decoded in a thread pool and their verdicts stored. ``False`` and
     ``"lazy"`` decode nothing (missing, non-regular and empty files are still reported).
-    ``cache=False`` decodes everything and leaves the cache alone. Example in the module docstring.
+    ``cache=False`` decodes everything and leaves the cache alone. The keys of the result are the
+    objects given (callers may look them up by ``id`` instead of hashing every path). Example in the
+    module docstring.
     """
     started = time.perf_counter()
     paths = list(paths)
@@ -209,30 +211,30 @@ def check_paths(paths: Sequence[Path], check_images: bool | str = True, *,
         return bad, ScanStats(len(paths), len(paths) if decode else 0, 0, time.perf_counter() - started)
     settled_ns = time.time_ns() - int(SETTLE_SECONDS * 1e9)
     shards = _Shards(cache_dir() / "scan")
-    bad: dict[Path, str] = {}
-    misses: list[tuple[Path, _Key]] = []
-    real_dirs: dict[Path, str] = {}
+    # Bookkeeping by position, not by Path: hashing a Path stores a 32-byte int in it, for every file.
+    bad_at: dict[int, str] = {}
+    misses: list[tuple[int, _Key]] = []
+    real_dirs: dict[str, str] = {}
     hits = 0
-    for path in paths:
+    for index, path in enumerate(paths):
         key, reason = _identify(path, real_dirs)
         if key is None:
-            bad[path] = reason
+            bad_at[index] = reason
             continue
         verdict = shards.lookup(key)
         if verdict is _MISS:
-            misses.append((path, key))
+            misses.append((index, key))
             continue
         hits += 1
         if verdict is not None:
-            bad[path] = verdict
-    decoded = check_files([p for p, _ in misses], True)
-    for path, key in misses:
-        reason = decoded.get(path)
+            bad_at[index] = verdict
+    decoded = {id(p): r for p, r in check_files([paths[i] for i, _ in misses], True).items()}
+    for index, key in misses:
+        reason = decoded.get(id(paths[index]))
         if reason is not None:
-            bad[path] = reason
+            bad_at[index] = reason
         if (reason is None or reason.startswith(_CACHEABLE)) and key.mtime_ns < settled_ns:
             shards.put(key, reason)
     shards.save()
-    if bad:
-        bad = {p: bad[p] for p in paths if p in bad}  # in the order given
+    bad = {paths[i]: bad_at[i] for i in sorted(bad_at)}  # in the order given
     return bad, ScanStats(len(paths), len(misses), hits, time.perf_counter() - started)
