@@ -1,4 +1,4 @@
-"""The ``finetune`` command line: train, eval, predict, push, models, demo, convert, distill.
+"""The ``finetune`` command line: train, eval, predict, report, push, models, demo, convert, distill.
 
 Every user mistake ends in one line on stderr (``finetune: error: …``) and exit code 2.
 
@@ -17,6 +17,7 @@ from typing import Sequence
 
 from finetune.version import __version__
 from finetune.config import SHORT_KEYS, Recipe, base_type, field_specs
+from finetune.config.argtypes import classes_arg, json_object_arg, rank_arg
 from finetune.errors import FinetuneError, one_line
 from finetune.train.launch import EXIT_PREEMPTED, add_launch_arguments, lost_peer
 from finetune.train.preemption import Preempted
@@ -177,6 +178,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from finetune.inference import report_run
+
+    print(f"wrote {report_run(args.run)}")
+    return 0
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from finetune.hub import push_run
 
@@ -215,42 +223,6 @@ def cmd_models(args: argparse.Namespace) -> int:
                             subsequent_indent=" " * (len(family) + 4)))
     print("\nAny model also trains from --weights PATH (.safetensors/.pth) or --weights none (random init).")
     return 0
-
-
-def _rank_arg(text: str) -> int | str:
-    if text == "full":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"`{text}` is not a rank; give a whole number or `full`") from None
-
-
-def _json_object_arg(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"`{text}` is not JSON ({exc}); give an object, e.g. "
-                                         "'{\"num_classes\": 10}'") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"`{text}` is a JSON {type(value).__name__}; give an object, e.g. "
-                                         "'{\"num_classes\": 10}'")
-    return value
-
-
-def _classes_arg(text: str) -> list[str]:
-    """``cat,dog,bird`` or a text file with one class name per line."""
-    import os
-
-    if os.path.isfile(text):
-        with open(text, encoding="utf-8") as handle:
-            names = [line.strip() for line in handle if line.strip()]
-    else:
-        names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"`{text}` holds no class names; give `cat,dog,...` or a text file with "
-                                         "one name per line")
-    return names
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -350,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true", help="CSV output")
     pr.set_defaults(func=cmd_predict)
 
+    rp = sub.add_parser("report", help="write RUN/report.html (metrics, curves, confusions, worst images)")
+    rp.add_argument("run", help="run directory written by `finetune train`")
+    rp.set_defaults(func=cmd_report)
+
     pu = sub.add_parser("push", help="upload a run to the Hugging Face Hub (timm format, with a model card)")
     pu.add_argument("run", help="run directory written by `finetune train`")
     pu.add_argument("--repo-id", required=True, help="NAMESPACE/NAME of the Hub model repository")
@@ -372,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "`package.module:callable` (any nn.Module: torchvision, your own; it imports and runs that code)")
     co.add_argument("--out", required=True, help="run directory for the converted model")
     policy = co.add_mutually_exclusive_group(required=True)
-    policy.add_argument("--rank", type=_rank_arg, help="rank of every converted layer (an integer, or `full`: exact)")
+    policy.add_argument("--rank", type=rank_arg, help="rank of every converted layer (an integer, or `full`: exact)")
     policy.add_argument("--energy", type=float, help="per-layer fraction of singular-value energy to keep (e.g. 0.9)")
     policy.add_argument("--macs", type=float, help="MAC budget as a fraction of the original model (e.g. 0.4)")
     co.add_argument("--form", default="auto", choices=("auto", "A", "B"),
@@ -395,10 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--weights", default="auto", help="for a timm name: auto | offline | hub | none | PATH; for a "
                     "builder ref: PATH to the dense model's .safetensors/.pth state dict (default: the builder's own)")
     co.add_argument("--num-classes", type=int, help="for a timm name: size of the head (default: the model's)")
-    co.add_argument("--builder-kwargs", type=_json_object_arg, metavar="JSON",
+    co.add_argument("--builder-kwargs", type=json_object_arg, metavar="JSON",
                     help="for a builder ref: its keyword arguments as a JSON object, stored in the run "
                          "(e.g. '{\"num_classes\": 10}')")
-    co.add_argument("--classes", type=_classes_arg, metavar="NAMES",
+    co.add_argument("--classes", type=classes_arg, metavar="NAMES",
                     help="for a timm name or builder ref: class names, `cat,dog,...` or a text file with one per line "
                          "(default class_0, class_1, ...)")
     co.add_argument("--img-size", type=int, help="input size for MACs and latency (default: the model's)")

@@ -21,6 +21,7 @@ from finetune.io import write_json, write_text
 from finetune.data import eval_loader, list_images, scan_labelled, write_skipped
 from finetune.errors import FinetuneError
 from finetune.metrics import classification_metrics, plot_confusion
+from finetune.report import write_report
 from finetune.rundir import RUN_METRICS, load_model, read_run_meta
 
 
@@ -90,8 +91,46 @@ def evaluate(
     write_text(out_dir / "predictions.csv", buffer.getvalue())
     if skipped:
         write_skipped(skipped, out_dir / "skipped.txt")
+    write_report(out_dir, title=f"{Path(run_dir).name} on {Path(data).name}", metrics=metrics, classes=classes,
+                 subtitle=f"`finetune eval` of {run_dir} ({meta['architecture']}) on {metrics['data']}",
+                 probs=probs, labels=labels, paths=[s.path for s in samples],
+                 plots={"confusion": out_dir / "confusion.png"}, skipped=[(s.path, s.reason) for s in skipped])
     metrics["out_dir"] = str(out_dir)
     return metrics
+
+
+def report_run(run_dir: str | os.PathLike, batch_size: int = 64) -> Path:
+    """Write ``RUN/report.html`` for a run trained before reports existed: its validation split is
+    rebuilt from ``recipe.yaml`` (same folder, fraction and seed) and predicted again.
+
+    >>> report_run("runs/photos")                                  # doctest: +SKIP
+    PosixPath('runs/photos/report.html')
+    """
+    from finetune.config import Recipe
+    from finetune.data import read_skipped, scan_folder
+    from finetune.rundir import RUN_RECIPE, RUN_SKIPPED
+
+    run_dir = Path(run_dir).expanduser()
+    meta = read_run_meta(run_dir)
+    if not (run_dir / RUN_RECIPE).is_file() or not (run_dir / RUN_METRICS).is_file():
+        raise FinetuneError(f"`{run_dir}` has no {RUN_RECIPE} and {RUN_METRICS}: only a finished `finetune train` "
+                            "run has a report; for any run and folder use `finetune eval RUN --data DIR`")
+    recipe = Recipe.from_yaml(run_dir / RUN_RECIPE)
+    split = scan_folder(recipe.require_data(), val_fraction=recipe.data.val_fraction, seed=recipe.runtime.seed,
+                        check_images=recipe.data.check_images)
+    if list(split.classes) != list(meta["classes"]):
+        raise FinetuneError(f"the classes in {split.root} are no longer the run's; use `finetune eval RUN --data DIR`")
+    model, data_config = load_model(run_dir)
+    logits, labels = predict_logits(model, eval_loader(split.val, data_config, batch_size))
+    metrics = {**classification_metrics(logits, labels, split.classes),
+               "best_epoch": meta.get("best_epoch")}
+    return write_report(run_dir, title=f"{run_dir.name}: {meta['architecture']}", metrics=metrics,
+                        subtitle=f"validation split of {split.root} ({len(split.val)} images), predicted again",
+                        classes=split.classes, probs=logits.softmax(1), labels=labels,
+                        paths=[s.path for s in split.val],
+                        plots={"curves": run_dir / "curves.png", "confusion": run_dir / "confusion.png"},
+                        skipped=[(s.path, s.reason) for s in read_skipped(run_dir / RUN_SKIPPED)],
+                        recipe=(run_dir / RUN_RECIPE).read_text())
 
 
 def predict(

@@ -56,9 +56,11 @@ RUN_JOB = ".elastic-job"
 #: timm's / the Hub's model-folder files (:mod:`finetune.hub`): ``timm.create_model("local-dir:RUN", pretrained=True)``
 RUN_TIMM_CONFIG = "config.json"
 RUN_CARD = "README.md"
+#: the self-contained HTML page of a run or an evaluation (:mod:`finetune.report`)
+RUN_REPORT = "report.html"
 #: Everything ``finetune train`` writes into a run directory (``--overwrite`` removes exactly these).
 RUN_ARTEFACTS = (RUN_WEIGHTS, RUN_META, RUN_METRICS, RUN_LOG, "confusion.png", "curves.png", RUN_RECIPE,
-                 RUN_SKIPPED, RUN_CHECKPOINTS, RUN_ADAPTER, RUN_JOB, RUN_TIMM_CONFIG, RUN_CARD, "eval-*")
+                 RUN_SKIPPED, RUN_CHECKPOINTS, RUN_ADAPTER, RUN_JOB, RUN_TIMM_CONFIG, RUN_CARD, RUN_REPORT, "eval-*")
 #: The columns of ``log.csv``, one row per epoch.
 LOG_COLUMNS = (
     "epoch", "phase", "lr_head", "lr_body", "train_loss", "train_top1",

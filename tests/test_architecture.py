@@ -25,7 +25,7 @@ LAYERS = [
     ["finetune.config"],
     ["finetune.data", "finetune.models"],
     ["finetune.convert", "finetune.distill", "finetune.adapters", "finetune.metrics"],
-    ["finetune.rundir", "finetune.hub"],
+    ["finetune.rundir", "finetune.hub", "finetune.report"],
     ["finetune.train"],
     ["finetune.tasks", "finetune.inference", "finetune.export"],
     ["finetune.cli"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 
 import pytest
 from accelerate.utils import LoggerType
@@ -76,6 +77,31 @@ def test_tensorboard_gets_every_log_column_the_steps_and_the_recipe(digits_folde
     assert hparams["optim.epochs"] == epochs and hparams["runtime.report_to"] == "tensorboard"
     assert hparams["data.root"] == str(digits_folder.resolve())
     assert all(isinstance(v, (bool, int, float, str)) for v in hparams.values())
+
+
+def test_mlflow_file_store_in_the_run_gets_the_recipe_and_every_log_column(digits_folder, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    recipe = Recipe(data=str(digits_folder), model="mobilenetv2_100", weights="offline", epochs=2, strategy="probe",
+                    img_size=32, batch_size=32, memory_format="contiguous", out=str(tmp_path / "run"),
+                    report_to="mlflow")
+    result = fit(recipe, progress=False)
+    store = result.run_dir / "mlruns"
+    assert store.is_dir() and not (Path.cwd() / "mlflow.db").exists()
+    client = MlflowClient(tracking_uri=store.as_uri())
+    (experiment,) = [e for e in client.search_experiments() if e.name == PROJECT_NAME]
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.params["model.name"] == "mobilenetv2_100" and run.data.params["optim.epochs"] == "2"
+    rows = list(csv.DictReader((result.run_dir / "log.csv").open()))
+    for column, key in EPOCH_KEYS.items():
+        if column == "phase":
+            continue
+        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        assert sorted(history) == [int(r["epoch"]) for r in rows], key
+        for row in rows:
+            assert history[int(row["epoch"])] == pytest.approx(float(row[column]), rel=6e-6, abs=1e-30), key
 
 
 def test_missing_tracker_is_one_line_before_anything_is_scanned(digits_folder, tmp_path, monkeypatch, capsys):

@@ -12,7 +12,8 @@ demo data set (:mod:`~finetune.data.demo`).
 
 from __future__ import annotations
 
-from finetune.data.dataset import BadImageWarning, ImageDataset, build_transform, class_weights, draft_size, eval_loader
+from finetune.data.dataset import (BadImageWarning, ImageDataset, PathTable, build_transform, class_weights, draft_size,
+                                   eval_loader)
 from finetune.data.files import (IMAGE_EXTENSIONS, Skipped, find_images, list_images, merge_skipped, read_skipped,
                                  write_skipped)
 from finetune.data.folder import (VAL_DIR_NAMES, FolderSplit, Sample, is_unlabelled_folder, scan_folder, scan_labelled,
@@ -27,6 +28,7 @@ __all__ = [
     "BadImageWarning",
     "FolderSplit",
     "ImageDataset",
+    "PathTable",
     "Sample",
     "ScanStats",
     "SkipLog",

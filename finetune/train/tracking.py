@@ -17,6 +17,8 @@ when training raises. accelerate logs on the main process only. ``log.csv`` is w
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -41,6 +43,7 @@ INSTALL = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wa
 # log.csv column → tracker key (``epoch`` is the step)
 EPOCH_KEYS = {"phase": "phase", "lr_head": "lr/head", "lr_body": "lr/body", "train_loss": "train/loss",
               "train_top1": "train/top1", "val_loss": "val/loss", "val_top1": "val/top1",
+              "val_macro_f1": "val/macro_f1",
               "epoch_seconds": "time/epoch_seconds", "train_images_per_s": "train/images_per_s"}
 
 
@@ -82,9 +85,19 @@ def resolve_trackers(report_to: str) -> list[str]:
     return names
 
 
+_MLFLOW_URI_SET: str | None = None  # the store this module pointed MLflow at (a later run gets its own)
+
+
 def tracking(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     """The ``Accelerator`` arguments for the recipe's trackers (none: no arguments)."""
     names = resolve_trackers(recipe.runtime.report_to)
+    global _MLFLOW_URI_SET
+    if "mlflow" in names and os.environ.get("MLFLOW_TRACKING_URI") in (None, _MLFLOW_URI_SET):  # not the user's
+        # accelerate leaves MLflow's store at its default (mlflow 3: a SQLite file in the working
+        # directory, which needs SQLAlchemy); a file store in the run directory, like the other trackers'
+        # (mlflow 3 keeps the file store, "in maintenance mode", behind an opt-in)
+        os.environ["MLFLOW_TRACKING_URI"] = _MLFLOW_URI_SET = (Path(run_dir).resolve() / "mlruns").as_uri()
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return {"log_with": names, "project_dir": str(run_dir)} if names else {}
 
 

@@ -29,6 +29,7 @@ from finetune.data import (FolderSplit, is_unlabelled_folder, lazy_skip_log, mer
                            scan_unlabelled, write_skipped)
 from finetune.errors import FinetuneError
 from finetune.hub import write_model_card
+from finetune.report import write_report
 from finetune.io import write_json, write_text
 from finetune.metrics import classification_metrics, plot_confusion, plot_curves
 from finetune.models import check_model_name
@@ -128,6 +129,8 @@ def _fit(recipe: Recipe, accelerator: Accelerator, run_dir: Path, source_meta: d
     seconds = time.perf_counter() - started
     metrics["train_seconds"] = seconds
     write_results(recipe, accelerator, run_dir, meta, metrics, session.history, split.classes)
+    if accelerator.is_main_process:
+        write_run_report(recipe, run_dir, metrics, split, logits, labels)
     accelerator.print(
         f"done in {seconds:.0f}s: best val top-1 {metrics['top1']:.4f} (epoch {metrics['best_epoch']}); "
         f"run directory {run_dir}"
@@ -268,3 +271,15 @@ def write_results(recipe: Recipe, accelerator: Accelerator, run_dir: Path, meta:
     meta["val_top1"] = metrics["top1"]
     write_meta(run_dir, meta)
     write_model_card(run_dir)
+
+
+def write_run_report(recipe: Recipe, run_dir: Path, metrics: dict[str, Any], split: FolderSplit,
+                     logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """``RUN/report.html`` for the validation split (the gathered logits are in ``split.val``'s order)."""
+    write_report(run_dir, title=f"{Path(run_dir).name}: {recipe.model.name}", metrics=metrics,
+                 subtitle=f"validation split of {split.root} ({len(split.val)} images)",
+                 classes=split.classes, probs=logits.softmax(1), labels=labels,
+                 paths=[sample.path for sample in split.val],
+                 plots={"curves": run_dir / "curves.png", "confusion": run_dir / "confusion.png"},
+                 skipped=[(s.path, s.reason) for s in read_skipped(run_dir / RUN_SKIPPED)],
+                 recipe=(run_dir / RUN_RECIPE).read_text() if (run_dir / RUN_RECIPE).is_file() else None)
