@@ -22,6 +22,7 @@ from finetune.errors import FinetuneError, one_line
 from finetune.train.launch import EXIT_PREEMPTED, add_launch_arguments, lost_peer
 from finetune.train.preemption import Preempted
 
+TTA_HELP = "test-time augmentation: mean softmax over each image and its horizontal flip"
 EPILOG_TRAIN = """examples:
   finetune train --data ~/photos --epochs 5 --out runs/photos
   finetune train --data ~/photos --model mobilenetv2_100 --strategy probe
@@ -134,7 +135,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from finetune.inference import evaluate
 
-    metrics = evaluate(args.run, args.data, out=args.out, batch_size=args.batch_size)
+    metrics = evaluate(args.run, args.data, out=args.out, batch_size=args.batch_size, labels=args.labels, tta=args.tta)
     if args.json:
         print(json.dumps({k: v for k, v in metrics.items() if k not in ("confusion",)}, indent=2))
         return 0
@@ -144,6 +145,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for label, value in summary:
         if value is not None:
             print(f"  {label:<18} {value:.4f}")
+    if "plain" in metrics:  # --tta: the figures above are with it
+        print(f"  {'without TTA':<18} top-1 {metrics['plain']['top1']:.4f}, loss {metrics['plain']['loss']:.4f}")
     print(f"  {'class':<20} {'precision':>9} {'recall':>7} {'f1':>6} {'n':>6}")
     for name, row in metrics["per_class"].items():
         print(f"  {name:<20} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['f1']:>6.3f} {int(row['support']):>6}")
@@ -156,7 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from finetune.inference import predict
 
-    results = predict(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size)
+    results = predict(args.run, args.inputs, top_k=args.top_k, batch_size=args.batch_size, tta=args.tta)
     if not results:
         raise FinetuneError("no images found in the given paths; pass image files or folders holding images")
     if args.json:
@@ -307,9 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="metrics and confusion matrix of a run on a labelled folder")
     ev.add_argument("run", help="run directory written by `finetune train`")
     ev.add_argument("--data", required=True, help="labelled folder: DIR/<class>/* (or DIR/val/<class>/*)")
+    ev.add_argument("--labels", help="CSV or .jsonl manifest of the images in --data (path,label rows) instead of "
+                    "class folders")
     ev.add_argument("--out", help="where to write metrics.json, confusion.png (default RUN/eval-<folder>)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    ev.add_argument("--tta", action="store_true", help=TTA_HELP + "; also reports the figures without it")
     ev.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="top-k labels for image files and folders")
@@ -317,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     pr.add_argument("--top-k", type=int, default=5)
     pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--tta", action="store_true", help=TTA_HELP)
     fmt = pr.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON output")
     fmt.add_argument("--csv", action="store_true", help="CSV output")

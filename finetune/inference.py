@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from finetune.io import write_json, write_text
-from finetune.data import eval_loader, list_images, scan_labelled, write_skipped
+from finetune.data import eval_loader, list_images, scan_labelled, scan_manifest_labelled, write_skipped
 from finetune.errors import FinetuneError
 from finetune.metrics import classification_metrics, plot_confusion
 from finetune.report import write_report
@@ -43,18 +43,43 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@torch.no_grad()
-def predict_logits(model: nn.Module, loader: Iterable, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``model`` over a loader of ``(images, labels)``; return stacked logits and labels (CPU)."""
+def _views(model: nn.Module, loader: Iterable, device: torch.device | None,
+           tta: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Plain logits, TTA log-probabilities (``None`` without ``tta``) and labels, in one pass (CPU)."""
     device = device or default_device()
     model = model.to(device).eval()
-    logits, labels = [], []
-    for images, targets in loader:
-        logits.append(model(images.to(device)).float().cpu())
-        labels.append(targets)
+    logits, flipped, labels = [], [], []
+    with torch.no_grad():
+        for images, targets in loader:
+            images = images.to(device)
+            logits.append(model(images).float().cpu())
+            if tta:
+                flipped.append(model(torch.flip(images, dims=[3])).float().cpu())
+            labels.append(targets)
     if not logits:
-        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-    return torch.cat(logits), torch.cat(labels)
+        return torch.empty(0, 0), (torch.empty(0, 0) if tta else None), torch.empty(0, dtype=torch.long)
+    plain = torch.cat(logits)
+    mean = ((plain.softmax(1) + torch.cat(flipped).softmax(1)) / 2).log() if tta else None
+    return plain, mean, torch.cat(labels)
+
+
+def predict_logits(model: nn.Module, loader: Iterable, device: torch.device | None = None,
+                   tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model`` over a loader of ``(images, labels)``; return stacked logits and labels (CPU).
+
+    With ``tta`` (test-time augmentation, horizontal flip) the "logits" are ``log`` of the mean of
+    the softmax over each image and its mirror image, so ``softmax`` (and cross-entropy) of them
+    are those of the averaged probabilities.
+
+    >>> from torch.utils.data import TensorDataset, DataLoader
+    >>> model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.LazyLinear(3))
+    >>> loader = DataLoader(TensorDataset(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])), batch_size=2)
+    >>> logits, labels = predict_logits(model, loader, torch.device("cpu"), tta=True)
+    >>> logits.shape, labels.tolist(), torch.allclose(logits.exp().sum(1), torch.ones(4))
+    (torch.Size([4, 3]), [0, 1, 2, 0], True)
+    """
+    plain, mean, labels = _views(model, loader, device, tta)
+    return (mean if tta else plain), labels
 
 
 def evaluate(
@@ -63,8 +88,15 @@ def evaluate(
     out: str | os.PathLike | None = None,
     batch_size: int = 64,
     img_size: int | None = None,
+    labels: str | os.PathLike | None = None,
+    tta: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate a run on every image of a labelled folder (``data/<class>/…``, or its ``val/`` split).
+    """Evaluate a run on every image of a labelled folder (``data/<class>/…``, or its ``val/`` split),
+    or on every row of the manifest ``labels`` (CSV/JSON Lines, paths relative to ``data``).
+
+    With ``tta`` (mean softmax over each image and its horizontal flip) the main metrics are the
+    TTA ones, ``metrics["tta"]`` is ``"hflip"`` and ``metrics["plain"]`` holds ``top1``, ``top5``,
+    ``macro_f1`` and ``loss`` without TTA (same pass), for comparison.
 
     Writes ``metrics.json``, ``confusion.png`` and ``predictions.csv`` to ``out`` (default
     ``RUN/eval-<folder name>``) and returns the metrics dict.
@@ -73,10 +105,18 @@ def evaluate(
     if batch_size < 1:
         raise FinetuneError(f"batch_size: `{batch_size}` must be at least 1")
     model, data_config = load_model(run_dir, img_size=img_size)
-    classes, samples, skipped = scan_labelled(data, classes=list(meta["classes"]))
+    if labels is not None:
+        classes, samples, skipped = scan_manifest_labelled(data, labels, classes=list(meta["classes"]))
+    else:
+        classes, samples, skipped = scan_labelled(data, classes=list(meta["classes"]))
     out_dir = Path(out) if out else Path(run_dir) / f"eval-{Path(data).expanduser().resolve().name}"
-    logits, labels = predict_logits(model, eval_loader(samples, data_config, batch_size))
+    plain, mean, labels = _views(model, eval_loader(samples, data_config, batch_size), None, tta)
+    logits = plain if mean is None else mean
     metrics = classification_metrics(logits, labels, classes)
+    if mean is not None:
+        reference = classification_metrics(plain, labels, classes)
+        metrics["tta"] = "hflip"
+        metrics["plain"] = {k: reference.get(k) for k in ("top1", "top5", "macro_f1", "loss")}
     metrics["data"] = str(Path(data).expanduser())
     metrics["skipped_images"] = len(skipped)
     write_json(out_dir / RUN_METRICS, metrics)
@@ -107,7 +147,8 @@ def report_run(run_dir: str | os.PathLike, batch_size: int = 64) -> Path:
     PosixPath('runs/photos/report.html')
     """
     from finetune.config import Recipe
-    from finetune.data import read_skipped, scan_folder
+    from finetune.data import read_skipped
+    from finetune.data.manifest import scan_data_section
     from finetune.rundir import RUN_RECIPE, RUN_SKIPPED
 
     run_dir = Path(run_dir).expanduser()
@@ -116,8 +157,8 @@ def report_run(run_dir: str | os.PathLike, batch_size: int = 64) -> Path:
         raise FinetuneError(f"`{run_dir}` has no {RUN_RECIPE} and {RUN_METRICS}: only a finished `finetune train` "
                             "run has a report; for any run and folder use `finetune eval RUN --data DIR`")
     recipe = Recipe.from_yaml(run_dir / RUN_RECIPE)
-    split = scan_folder(recipe.require_data(), val_fraction=recipe.data.val_fraction, seed=recipe.runtime.seed,
-                        check_images=recipe.data.check_images)
+    recipe.require_data()
+    split = scan_data_section(recipe.data, recipe.runtime.seed)
     if list(split.classes) != list(meta["classes"]):
         raise FinetuneError(f"the classes in {split.root} are no longer the run's; use `finetune eval RUN --data DIR`")
     model, data_config = load_model(run_dir)
@@ -138,10 +179,12 @@ def predict(
     inputs: Sequence[str | os.PathLike],
     top_k: int = 5,
     batch_size: int = 32,
+    tta: bool = False,
 ) -> list[Prediction]:
     """Top-k labels for image files and folders (searched recursively), in batches.
 
-    Unreadable files come last, with ``error`` set and no labels.
+    Unreadable files come last, with ``error`` set and no labels. ``tta``: the probabilities are
+    the mean softmax over each image and its horizontal flip.
     """
     read_run_meta(run_dir)  # a clear error when run_dir is not a run (not a timm name lookup)
     for name, value in (("top_k", top_k), ("batch_size", batch_size)):
@@ -152,7 +195,7 @@ def predict(
     paths, skipped = list_images(inputs)
     results = []
     if paths:
-        logits, _ = predict_logits(model, eval_loader(paths, data_config, batch_size))
+        logits, _ = predict_logits(model, eval_loader(paths, data_config, batch_size), tta=tta)
         probs, indices = logits.softmax(1).topk(min(top_k, len(classes)), dim=1)
         results = [
             Prediction(path, [classes[i] for i in idx.tolist()], p.tolist())

@@ -3,24 +3,25 @@ nothing, and data sets and loaders that cost nothing per image until they are it
 
 The data sets are hard links of four tiny real PNGs (one inode each, backdated an hour so the scan
 cache keeps their verdicts): 100,000 entries take ~4 s to make and 3 MB of disk. Every measurement
-runs in a fresh interpreter (``python -c``), so peak RSS (``ru_maxrss``) is that of one scan alone.
+runs in a fresh interpreter (``python -c``), so the peak RSS is that of one scan alone.
 
 The bounds. The file index is what a scan returns and a run keeps: one ``Sample`` (48 bytes,
 slotted) and one ``Path`` per image -- with its part list (~104 bytes), file name (~60), cached
 string (~50 + the path's length) and the object itself (88) -- about 390 bytes + the path's length
-(tracemalloc, Python 3.11; the paths here are ~70 characters). Measured peak RSS above the
-interpreter + torch + finetune baseline (~970 MB on the 2-core CI machine), per entry, at 20,000 /
-100,000 entries:
+(tracemalloc, Python 3.11; the paths here are ~80 characters). Peak RSS is measured from a reset
+high-water mark (``/proc/self/clear_refs``) above the RSS of interpreter + torch + finetune (~920 MB
+on the 2-core CI machine). Measured per entry at 20,000 / 100,000 entries:
 
-* first scan (cold cache, every file decoded): 1,000 / 950 bytes -- the index plus the transient
+* first scan (cold cache, every file decoded): 1,040 / 990 bytes -- the index plus the transient
   bookkeeping of a first run (the cache entries it writes, pymalloc arenas left partly used);
-* second scan (cache): 700 / 700 bytes; ``lazy``: 560 / 550 bytes.
+* second scan (cache): 675 / 745 bytes; ``lazy``: 630 / 600 bytes.
 
-Before the fix in this change the first scan peaked at ~2,600 bytes per entry (one thread-pool
-``Future`` per file) and ``lazy`` at ~2,200; the bounds below (1,400 / 1,000 / 850 bytes per entry,
-measured + ~45 %) fail for that code. ``ImageDataset`` adds the path's bytes + 16 per image
-(:class:`~finetune.data.dataset.PathTable`, a NumPy label array): no Python object per image, so
-forked DataLoader workers do not copy the index page by page as they read it.
+Before this change (commit a11bae5) the same measurement gave, at 100,000 entries, 2,640 bytes for
+the first scan (one thread-pool ``Future`` per file), 710 for the second and 2,200 for ``lazy``; the
+bounds below (1,400 / 1,000 / 850 bytes per entry: the worst measured + 35 %) fail for that code.
+``ImageDataset`` adds the path's bytes + 16 per image (:class:`~finetune.data.dataset.PathTable`,
+a NumPy label array): no Python object per image, so forked DataLoader workers do not copy the
+index page by page as they read it (it took 0.7 s to build for 100,000 images, now 0.07 s).
 """
 
 from __future__ import annotations
@@ -73,17 +74,27 @@ def hardlinked_folder(root: Path, n: int, classes: int = CLASSES) -> Path:
 
 
 CHILD = r"""
-import json, os, resource, sys, time
+import gc, json, os, re, resource, sys, time
 import torch  # the baseline holds what every run imports
 from finetune.data import ImageDataset, build_transform, scan_folder
 from finetune.data import dataset as dataset_module
 from finetune.data.sampling import EpochSampler, SeededAugmentation
 
-def peak():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+def status(field):
+    return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+def peak():  # the high-water mark since the reset below (ru_maxrss counts the imports' own peak)
+    return status("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 root, check = sys.argv[1], {"full": True, "lazy": "lazy"}[sys.argv[2]]
-base = peak()
+gc.collect()
+try:
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+    reset = True
+except OSError:
+    reset = False
+base = status("VmRSS") if reset else peak()
 tic = time.perf_counter()
 split = scan_folder(root, check_images=check)
 scan_seconds, scan_peak = time.perf_counter() - tic, peak()
@@ -106,7 +117,7 @@ batches = iter(loader)  # the epoch's order drawn; nothing fetched yet
 val_loader = torch.utils.data.DataLoader(val, batch_size=32)
 build_seconds, loads_before = time.perf_counter() - tic, loads
 images, labels = next(batches)
-print(json.dumps({"entries": len(split.train) + len(split.val), "scan": split.scan.to_dict(),
+print(json.dumps({"entries": len(split.train) + len(split.val), "scan": split.scan.to_dict(), "reset": reset,
                   "skipped": len(split.skipped), "scan_seconds": scan_seconds, "base": base,
                   "scan_peak": scan_peak, "build_seconds": build_seconds, "loads_before": loads_before,
                   "loads_after": loads, "batch": list(images.shape),
@@ -131,8 +142,9 @@ def check_scale(root: Path, n: int) -> dict[str, dict]:
     assert (lazy["images"], lazy["decoded"], lazy["cached"]) == (n, 0, 0)
     for name, f in figures.items():
         per_entry = (f["scan_peak"] - f["base"]) / n
-        report = f"{name}: {per_entry:.0f} B/entry above a {f['base'] / 1e6:.0f} MB baseline, {f}"
-        print(report)
+        report = (f"{name} n={n}: peak +{per_entry:.0f} B/entry above a {f['base'] / 1e6:.0f} MB baseline, scan "
+                  f"{f['scan_seconds']:.2f} s, datasets+loaders {f['build_seconds']:.3f} s; {f}")
+        print(report.split(";")[0])
         assert f["entries"] == n and f["skipped"] == 0, report
         assert per_entry <= PEAK_PER_ENTRY[name], report
         # the datasets and loaders: no decode before iteration, and no per-image work worth a second

@@ -8,10 +8,12 @@ granularity could keep its size and mtime).
 
 from __future__ import annotations
 
+import csv
 import json
 import multiprocessing
 import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -26,7 +28,8 @@ from finetune.data import scan_cache
 from finetune.data.demo import write_demo_folder
 from finetune.data.images import check_file
 from finetune.errors import FinetuneError
-from helpers import run_finetune
+from finetune.train.checkpoints import find_checkpoint
+from helpers import latest_updates, run_finetune, start_finetune, wait_for_checkpoint
 
 E2E = ["--model", "mobilenetv2_100", "--weights", "offline", "--img-size", "32", "--epochs", "1",
        "--memory-format", "contiguous", "--no-progress", "--batch-size", "16"]
@@ -349,3 +352,60 @@ def test_lazy_run_lists_files_that_failed_to_load(tmp_path, cache):
     meta = json.loads((out / "model.json").read_text())
     assert meta["data"]["skipped_during_training"] == 2 and meta["data"]["skipped_images"] == 2
     assert not (out / ".lazy-skips").exists()
+
+
+RESUME = ["--model", "mobilenetv2_100", "--weights", "offline", "--img-size", "32", "--epochs", "2",
+          "--strategy", "full", "--memory-format", "contiguous", "--no-progress", "--batch-size", "32",
+          "--check-images", "lazy", "--checkpoint-every", "1"]
+
+
+def lazy_resume_data(root: Path) -> tuple[Path, list[str]]:
+    """82 train / 21 val images of which 2 train and 1 val file fail to load; the broken files' names."""
+    data = write_demo_folder(root, train_per_class=8, val_per_class=2)
+    (data / "train" / "bag" / "text.png").write_text("not an image")
+    whole = sorted((data / "train" / "coat" / "").glob("*.png"))[0].read_bytes()
+    (data / "train" / "coat" / "cut.png").write_bytes(whole[: len(whole) // 2])
+    (data / "val" / "dress" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    return data, ["train/bag/text.png", "train/coat/cut.png", "val/dress/garbage.png"]
+
+
+def without_timing(run_dir: Path) -> list[dict[str, str]]:
+    return [{k: v for k, v in row.items() if k not in ("epoch_seconds", "train_images_per_s")}
+            for row in csv.DictReader((run_dir / "log.csv").open())]
+
+
+def test_lazy_run_resumes_exactly_after_sigkill(tmp_path):
+    # --strategy full: every epoch reads the images through the loader, so the killed and the resumed
+    # process both meet the broken files; 3 updates per epoch, killed after update 4 (in epoch 2)
+    from safetensors.torch import load_file
+
+    data, broken = lazy_resume_data(tmp_path / "data")
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    result = run_finetune("train", "--data", str(data), *RESUME, "--out", str(reference), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "check_images lazy: 3 image(s) failed to load during training" in result.stdout, result.stdout[-2000:]
+
+    job = start_finetune("train", "--data", str(data), *RESUME, "--out", str(out))
+    try:
+        wait_for_checkpoint(job, out, 4, timeout=400)
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+    assert job.returncode == -signal.SIGKILL and 4 <= latest_updates(out) < 6, latest_updates(out)
+    assert (out / ".lazy-skips").is_dir()  # the killed process's records, kept for the resume
+    resumed = run_finetune("train", str(out / "recipe.yaml"), "--resume", "--no-progress", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout, resumed.stdout[-2000:]
+
+    final_a = load_file(find_checkpoint(reference) / "model.safetensors")
+    final_b = load_file(find_checkpoint(out) / "model.safetensors")
+    assert final_a.keys() == final_b.keys() and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    best_a, best_b = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+    assert without_timing(reference) == without_timing(out)
+    for run_dir in (reference, out):
+        listed = [s.path.relative_to(data).as_posix() for s in read_skipped(run_dir / "skipped.txt")]
+        assert listed == broken, (run_dir, listed)  # every broken file, each once
+        meta = json.loads((run_dir / "model.json").read_text())
+        assert meta["data"]["skipped_during_training"] == 3 and meta["status"] == "complete"
+        assert not (run_dir / ".lazy-skips").exists()

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 __all__ = ["AUTO_AUGMENT", "BN_MODES", "MEMORY_FORMATS", "MIXED_PRECISION", "MONITORS", "OBJECTIVES", "STRATEGIES", "TASKS",
-           "TRACKERS", "CHECK_IMAGES", "check_images_value"]
+           "TRACKERS", "CHECK_IMAGES", "SAMPLERS", "check_images_value"]
 
 STRATEGIES = ("auto", "probe", "full", "finetune", "gradual")
 TASKS = ("train", "convert")
@@ -30,6 +30,9 @@ AUTO_AUGMENT = {"none": None, "randaugment": "rand-m9-mstd0.5-inc1", "trivialaug
 # finetune/data/scan_cache.py), lazy decodes nothing up front and skips what fails in the loader,
 # false decodes nothing and skips nothing beyond missing/empty files.
 CHECK_IMAGES = ("true", "false", "lazy")
+# `data.sampler`: shuffle = a seeded permutation per epoch; balanced = draws with replacement ∝ 1/count(class)
+# (finetune/data/sampling.py BalancedSampler), unlike `data.class_balanced`, which weights the loss.
+SAMPLERS = ("shuffle", "balanced")
 
 
 def check_images_value(value: object) -> bool | str | None:

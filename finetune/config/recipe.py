@@ -47,6 +47,7 @@ SHORT_KEYS = {
     "warmup_epochs": "optim.warmup_epochs", "label_smoothing": "optim.label_smoothing",
     "val_fraction": "data.val_fraction", "seed": "runtime.seed", "mixed_precision": "runtime.mixed_precision",
     "grad_accum": "optim.grad_accum", "num_workers": "data.num_workers", "class_balanced": "data.class_balanced",
+    "sampler": "data.sampler",
     "bn": "strategy.bn", "ema": "strategy.ema", "ema_decay": "strategy.ema_decay",
     "feature_cache": "strategy.feature_cache", "memory_format": "runtime.memory_format",
     "aug_scale": "augment.scale", "auto_augment": "augment.auto_augment", "mixup": "augment.mixup",
@@ -55,7 +56,7 @@ SHORT_KEYS = {
     "check_images": "data.check_images", "lora": "lora.enabled", "lora_r": "lora.r",
     "checkpoint_every": "runtime.checkpoint_every", "resume": "runtime.resume",
     "report_to": "runtime.report_to", "monitor": "optim.monitor", "patience": "optim.patience",
-    "min_delta": "optim.min_delta", "keep_checkpoints": "runtime.keep_checkpoints",
+    "min_delta": "optim.min_delta", "keep_checkpoints": "runtime.keep_checkpoints", "labels": "data.labels",
 }
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from finetune.config.choices import (AUTO_AUGMENT, BN_MODES, CHECK_IMAGES, MEMORY_FORMATS, MIXED_PRECISION, MONITORS, OBJECTIVES, STRATEGIES,
-                                    TRACKERS, check_images_value)
+                                    SAMPLERS, TRACKERS, check_images_value)
 from finetune.errors import FinetuneError, did_you_mean
 
 __all__ = [
@@ -103,10 +103,23 @@ class DataConfig(_Section):
     section: ClassVar[str] = "data"
     root: str | None = field(
         default=None, metadata=_help("image folder: DIR/<class>/* or DIR/train/<class>/* + DIR/val/<class>/*"))
+    labels: str | None = field(
+        default=None, metadata=_help("CSV or .jsonl manifest: one row per image with a path (relative to data.root, "
+                                     "or absolute) and a label, optionally a split (train/val); instead of class "
+                                     "folders"))
+    path_column: str = field(default="path", metadata=_help("manifest column of the image paths (default: path, "
+                                                            "else filename/file/image...)"))
+    label_column: str = field(default="label", metadata=_help("manifest column of the labels (default: label, "
+                                                              "else class/category...)"))
+    split_column: str = field(default="split", metadata=_help("manifest column of the split (train/val; other "
+                                                              "values left out); none: split like a class folder"))
     val_fraction: float = field(default=0.2, metadata=_help("validation share when the folder has no val split"))
     batch_size: int = field(default=32, metadata=_help("images per step per process"))
     num_workers: int | None = field(default=None, metadata=_help("DataLoader workers (default: from CPU count)"))
     class_balanced: bool = field(default=False, metadata=_help("weight the loss by inverse class frequency"))
+    sampler: str = field(default="shuffle", metadata=_help(
+        "shuffle: a seeded permutation per epoch; balanced: draw images with replacement ∝ 1/count(class) "
+        "(unlike class_balanced, which weights the loss)", choices=SAMPLERS))
     # `str | bool`: the CLI gets `--check-images VALUE`; check() turns true/false spellings back into booleans
     check_images: str | bool = field(
         default=True, metadata=_help("true: decode every image once before training (results cached, a re-run decodes "
@@ -117,6 +130,11 @@ class DataConfig(_Section):
     def check(self) -> None:
         if self.root is not None:
             self.root = os.path.expanduser(self.root)
+        if self.labels is not None:
+            self.labels = os.path.expanduser(self.labels)
+        for name in ("path_column", "label_column", "split_column"):
+            if not getattr(self, name).strip():
+                raise FinetuneError(f"data.{name}: empty; name a column of the manifest (data.labels)")
         if not 0 < self.val_fraction < 1:
             raise FinetuneError(f"data.val_fraction: `{self.val_fraction}` must be greater than 0 and less than 1 "
                                 "(e.g. 0.2); training keeps the best epoch by validation accuracy")

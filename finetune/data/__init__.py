@@ -1,7 +1,7 @@
 """Image data: which files are images (:mod:`~finetune.data.files`), decoding and checking them
 (:mod:`~finetune.data.images`), remembering what was checked (:mod:`~finetune.data.scan_cache`),
 recording what fails to load during training (:mod:`~finetune.data.skiplog`), class folders and their
-train/val split (:mod:`~finetune.data.folder`), datasets, transforms and loaders
+train/val split (:mod:`~finetune.data.folder`), CSV/JSON Lines manifests (:mod:`~finetune.data.manifest`), datasets, transforms and loaders
 (:mod:`~finetune.data.dataset`), the seeded sampler (:mod:`~finetune.data.sampling`) and the embedded
 demo data set (:mod:`~finetune.data.demo`).
 
@@ -19,6 +19,7 @@ from finetune.data.files import (IMAGE_EXTENSIONS, Skipped, find_images, list_im
 from finetune.data.folder import (VAL_DIR_NAMES, FolderSplit, Sample, is_unlabelled_folder, scan_folder, scan_labelled,
                                   scan_unlabelled)
 from finetune.data.images import load_rgb, to_rgb
+from finetune.data.manifest import manifest_path, read_manifest, scan_manifest, scan_manifest_labelled
 from finetune.data.scan_cache import ScanStats, check_paths, decodes
 from finetune.data.skiplog import SkipLog, lazy_skip_log
 
@@ -44,10 +45,14 @@ __all__ = [
     "lazy_skip_log",
     "list_images",
     "load_rgb",
+    "manifest_path",
     "merge_skipped",
+    "read_manifest",
     "read_skipped",
     "scan_folder",
     "scan_labelled",
+    "scan_manifest",
+    "scan_manifest_labelled",
     "scan_unlabelled",
     "to_rgb",
     "write_skipped",

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from finetune.config import Recipe
 from finetune.data import (FolderSplit, ImageDataset, Sample, build_transform, class_weights, draft_size,
                            eval_loader)
-from finetune.data.sampling import EpochSampler, SeededAugmentation
+from finetune.data.sampling import SeededAugmentation, epoch_sampler
 from finetune.distill import DistillationLoss, feature_layers_from_plan
 from finetune.rundir import load_model, read_run_meta
 from finetune.train.features import cache_unusable_reason
@@ -146,7 +146,8 @@ def build_loaders(recipe: Recipe, split: FolderSplit, data_config: dict) -> tupl
     # order and augmentation are functions of (seed, epoch, index): see finetune.data.sampling
     train_set = SeededAugmentation(ImageDataset(split.train, train_tf, draft_size=draft, skip_log=split.skip_log), recipe.runtime.seed)
     # drop only a last batch of one image: BatchNorm in train mode cannot normalise a single sample
-    train = DataLoader(train_set, sampler=EpochSampler(len(train_set), recipe.runtime.seed),
+    sampler = epoch_sampler(recipe.data.sampler, [s.label for s in split.train], recipe.runtime.seed)
+    train = DataLoader(train_set, sampler=sampler,
                        drop_last=len(split.train) % batch_size == 1, **common)
     val = DataLoader(ImageDataset(split.val, eval_tf, draft_size=draft, skip_log=split.skip_log), shuffle=False, **common)
     return train, val
@@ -206,5 +207,7 @@ def feature_cache_reason(recipe: Recipe, model: nn.Module, *, freeze_bn: bool, d
     """Why head-only epochs recompute the backbone every epoch, or ``None`` when they train on cached features."""
     if not recipe.strategy.feature_cache:
         return "off (strategy.feature_cache false)"
+    if recipe.data.sampler != "shuffle":  # the cached-feature loader draws in shuffle order
+        return f"off (data.sampler {recipe.data.sampler})"
     return cache_unusable_reason(model, freeze_bn=freeze_bn, mixes=recipe.augment.mixes, distills=distills,
                                  lora=recipe.lora.enabled)

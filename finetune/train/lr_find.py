@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from finetune.config import Recipe
-from finetune.data import scan_folder
+from finetune.data.manifest import scan_data_section
 from finetune.errors import FinetuneError
 from finetune.io import atomic_path
 from finetune.train.build import build_loaders, build_loss, build_model, build_phases, source_run_meta
@@ -79,11 +79,10 @@ def lr_find(recipe: Recipe, out: str | os.PathLike | None = "lr_find.png", steps
         raise FinetuneError(f"--start-lr {start_lr} and --end-lr {end_lr}: need 0 < start < end (e.g. 1e-7 and 1)")
     if steps < 10:
         raise FinetuneError(f"--steps {steps}: use at least 10 (100 is typical)")
-    data_root = recipe.require_data()
+    recipe.require_data()
     source_meta = source_run_meta(recipe)
     torch.manual_seed(recipe.runtime.seed)
-    split = scan_folder(data_root, val_fraction=recipe.data.val_fraction, seed=recipe.runtime.seed,
-                        check_images=recipe.data.check_images)
+    split = scan_data_section(recipe.data, recipe.runtime.seed)  # class folders or the manifest
     built = build_model(recipe, split, source_meta, unlabelled=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = built.model.to(device)

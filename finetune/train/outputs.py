@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from finetune.config.recipe import Recipe
-from finetune.data import FolderSplit, write_skipped
+from finetune.data import FolderSplit, manifest_path, write_skipped
 from finetune.errors import FinetuneError
 from finetune.io import write_text
 from finetune.models.weights import model_source
@@ -85,6 +85,8 @@ def recipe_for_disk(recipe: Recipe, run_dir: Path) -> Recipe:
     changes: dict = {"runtime.resume": None, "runtime.out": str(run_dir.resolve())}
     if recipe.data.root:
         changes["data.root"] = str(Path(recipe.data.root).expanduser().resolve())
+    if recipe.data.labels:
+        changes["data.labels"] = str(manifest_path(recipe.data.labels, recipe.data.root).resolve())
     if recipe.starts_from_run:
         changes["model.name"] = str(Path(recipe.model.name).expanduser().resolve())
     if recipe.distill.teacher:

@@ -13,6 +13,7 @@ GPU or several processes (``accelerate launch``). The command line builds the sa
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from torch import nn
 
 from finetune.config import Recipe
 from finetune.data import (FolderSplit, is_unlabelled_folder, lazy_skip_log, merge_skipped, read_skipped, scan_folder,
-                           scan_unlabelled, write_skipped)
+                           scan_manifest, scan_unlabelled, write_skipped)
 from finetune.errors import FinetuneError
 from finetune.hub import write_model_card
 from finetune.report import write_report
@@ -185,7 +186,8 @@ def open_checkpoint(recipe: Recipe, run_dir: Path,
 
 
 def scan_data(recipe: Recipe, source_meta: dict[str, Any] | None) -> tuple[FolderSplit, bool]:
-    """The train/val split of the data folder, and whether the folder is unlabelled.
+    """The train/val split of the data folder (or of the manifest ``data.labels``), and whether the folder
+    is unlabelled.
 
     One scan per job: the main process of each machine scans first and fills the scan cache
     (:mod:`finetune.data.scan_cache`); the other processes wait, then take every verdict from the
@@ -196,11 +198,15 @@ def scan_data(recipe: Recipe, source_meta: dict[str, Any] | None) -> tuple[Folde
     data_root = recipe.require_data()
     # Distillation also works on a folder of loose, unlabelled images: the KD (+ feature) terms need
     # no labels, and the teacher's predictions serve as validation labels.
-    unlabelled = recipe.distill.teacher is not None and is_unlabelled_folder(data_root)
+    labels = recipe.data.labels  # a manifest (finetune.data.manifest) instead of class folders
+    unlabelled = not labels and recipe.distill.teacher is not None and is_unlabelled_folder(data_root)
     if unlabelled and source_meta is None:
         raise FinetuneError("an unlabelled folder can only train a student run: pass --student RUN_DIR "
                             "(e.g. from `finetune convert`) with --teacher")
     scan = scan_unlabelled if unlabelled else scan_folder
+    if labels:
+        scan = functools.partial(scan_manifest, labels=labels, path_column=recipe.data.path_column,
+                                 label_column=recipe.data.label_column, split_column=recipe.data.split_column)
     state = PartialState()
     lazy = recipe.data.check_images == "lazy"
     skip_log = lazy_skip_log(recipe.runtime.out, state.process_index) if lazy else None
