@@ -66,10 +66,7 @@ def _thumbnail(path: str | os.PathLike) -> str | None:
 
 def reliability_png(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> bytes:
     """A reliability diagram (accuracy vs confidence per bin, bin counts shaded), as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot, no backend switch: a notebook's own plots stay shown
 
     conf, pred = probs.max(dim=1)
     correct = pred.eq(labels).double()
