@@ -30,7 +30,9 @@ for every mode. Decoding such a PNG takes ~0.1 ms; a camera JPEG takes ~6 ms (is
 so with real photos the first-run baseline is much higher (~300 s more at 100,000 images on 2
 cores) while the second run and ``lazy`` are not: the table adds that estimate, labelled as such.
 Each start-up figure is the median of ``--repeats`` runs (the first mode empties the scan cache
-before each). The weights come from ``~/.cache/finetune-vision/weights`` (symlinked into the
+before each). Every run also records the share of the CPUs that other processes took meanwhile
+(``/proc/stat`` less this benchmark's own CPU time); the table shows the largest of a row's runs
+and warns above 10 %: on a shared 2-core machine that is what moves the figures most. The weights come from ``~/.cache/finetune-vision/weights`` (symlinked into the
 benchmark's own ``FINETUNE_CACHE``, so the offline conversion is not timed). The dense fp32 matmul
 rate is printed beside the times to place the machine.
 
@@ -50,6 +52,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -155,6 +158,21 @@ def proc_memory(pid: int) -> dict[str, int]:
     return {}
 
 
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (``/proc/stat``), or None."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have been waited for."""
+    mine, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return mine.ru_utime + mine.ru_stime + children.ru_utime + children.ru_stime
+
+
 def run_cli(data: Path, out: Path, cache: Path, check: str, every: int, marks: list[int], threads: int,
             timeout: float = 900) -> dict[str, Any]:
     """Start ``finetune train``; the wall time at which each update in ``marks`` is checkpointed; kill it after the last."""
@@ -165,6 +183,7 @@ def run_cli(data: Path, out: Path, cache: Path, check: str, every: int, marks: l
             "--checkpoint-every", str(every), "--out", str(out)]
     env = {**os.environ, "FINETUNE_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
     load_before = os.getloadavg()[0]
+    busy_before, own_before = busy_cpu_seconds(), own_cpu_seconds()
     with open(log, "w") as handle:
         tic = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env)
@@ -189,6 +208,10 @@ def run_cli(data: Path, out: Path, cache: Path, check: str, every: int, marks: l
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
             proc.wait()
+    wall, busy_after = time.perf_counter() - tic, busy_cpu_seconds()
+    # the CPU share that other processes took while this run ran (0 on an otherwise idle machine)
+    others = None if busy_before is None or busy_after is None else max(
+        0.0, (busy_after - busy_before) - (own_cpu_seconds() - own_before)) / (wall * (os.cpu_count() or 1))
     text = log.read_text()
     scan = SCAN_LINE.search(text)
     if scan is None:
@@ -197,7 +220,7 @@ def run_cli(data: Path, out: Path, cache: Path, check: str, every: int, marks: l
     return {"marks": {str(k): v for k, v in sorted(seen.items())}, "scan_images": int(images),
             "decoded": int(decoded), "from_cache": int(cached), "scan_seconds": float(seconds),
             "peak_rss": memory.get("VmHWM"), "rss": memory.get("VmRSS"), "load_before": load_before,
-            "load_after": os.getloadavg()[0]}
+            "load_after": os.getloadavg()[0], "other_cpu_share": others}
 
 
 def throughput_every(n: int) -> int:
@@ -223,7 +246,8 @@ def measure_size(n: int, work: Path, cache: Path, repeats: int, threads: int) ->
             if run["scan_images"] != n or run["decoded"] != expected_decoded:
                 raise RuntimeError(f"{mode}: expected {n} images, {expected_decoded} decoded; got {run}")
             print(f"  {mode:<6} start-up {run['marks']['1']:6.2f} s   scan {run['scan_seconds']:6.2f} s   "
-                  f"peak RSS {run['peak_rss'] / 1e6:6.0f} MB   load {run['load_before']:.1f}", flush=True)
+                  f"peak RSS {run['peak_rss'] / 1e6:6.0f} MB   other processes {100 * (run['other_cpu_share'] or 0):3.0f} % "
+                  "of the CPUs", flush=True)
     every = throughput_every(n)
     speed = run_cli(data, work / "runs" / f"{n}-throughput", cache, "true", every, [every, 2 * every], threads)
     row["throughput_run"] = {"every": every, **speed}
@@ -237,7 +261,9 @@ def measure_size(n: int, work: Path, cache: Path, repeats: int, threads: int) ->
                      "startup_all_s": [r["marks"]["1"] for r in runs],
                      "scan_s": statistics.median(r["scan_seconds"] for r in runs),
                      "peak_rss_bytes": statistics.median(r["peak_rss"] for r in runs),
-                     "update_plus_checkpoint_s": statistics.median(r["marks"]["2"] - r["marks"]["1"] for r in runs)}
+                     "update_plus_checkpoint_s": statistics.median(r["marks"]["2"] - r["marks"]["1"] for r in runs),
+                     "load_average": statistics.median(r["load_before"] for r in runs),
+                     "other_cpu_share": max((r["other_cpu_share"] or 0.0) for r in runs)}
     one = statistics.median(row[m]["update_plus_checkpoint_s"] for m in MODES)  # 1 update + 1 checkpoint
     span = speed["marks"][str(2 * every)] - speed["marks"][str(every)]  # `every` updates + 1 checkpoint
     per_update = max((span - one) / (every - 1), 1e-9)
@@ -253,19 +279,26 @@ def measure_size(n: int, work: Path, cache: Path, repeats: int, threads: int) ->
 
 
 def print_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| images | mode | start-up s | scan s | peak RSS MB | start-up ÷ first |",
-             "|---:|---|---:|---:|---:|---:|"]
+    lines = ["| images | mode | start-up s | scan s | peak RSS MB | start-up ÷ first | others' CPU |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
     for row in rows:
         for mode in MODES:
             f = row[mode]
             lines.append(f"| {row['images']:,} | {mode} | {f['startup_s']:.2f} | {f['scan_s']:.2f} | "
-                         f"{f['peak_rss_bytes'] / 1e6:.0f} | {f['startup_s'] / row['first']['startup_s']:.2f} |")
+                         f"{f['peak_rss_bytes'] / 1e6:.0f} | {f['startup_s'] / row['first']['startup_s']:.2f} | "
+                         f"{100 * f['other_cpu_share']:.0f} % |")
     lines += ["", "| images | train img/s | s/update | checkpoint s | first-run start-up, camera JPEGs (estimate) s "
-              "| second ÷ first, camera JPEGs (estimate) |", "|---:|---:|---:|---:|---:|---:|"]
+              "| second ÷ first, camera JPEGs (estimate) | others' CPU |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(f"| {row['images']:,} | {row['train_img_per_s']:.0f} | {row['seconds_per_update']:.3f} | "
                      f"{row['checkpoint_s']:.2f} | {row['first_startup_camera_jpeg_estimate_s']:.0f} | "
-                     f"{row['second_over_first_camera_jpeg_estimate']:.3f} |")
+                     f"{row['second_over_first_camera_jpeg_estimate']:.3f} | "
+                     f"{100 * (row['throughput_run']['other_cpu_share'] or 0):.0f} % |")
+    shares = [r[m]["other_cpu_share"] for r in rows for m in MODES]
+    shares += [r["throughput_run"]["other_cpu_share"] or 0.0 for r in rows]
+    if max(shares) > 0.1:
+        lines += ["", f"warning: other processes used up to {100 * max(shares):.0f} % of the CPUs during some runs "
+                      "(others' CPU: the largest share among a row's runs); those times are not an idle machine's"]
     table = "\n".join(lines)
     print("\n" + table)
     return table

@@ -17,6 +17,7 @@ writes that report and :func:`read_skipped` reads it back.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -155,6 +156,7 @@ def find_images(
     >>> find_images([d], check_images=False)[2].decoded
     0
     """
+    started = time.perf_counter()
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     candidates: list[Path] = []
@@ -174,6 +176,7 @@ def find_images(
     bad, stats = check_paths(candidates, check_images)
     skipped += [Skipped(p, r) for p, r in bad.items()]  # in the order of candidates
     bad_ids = {id(p) for p in bad}  # by identity: `p in bad` would hash (and grow) every Path
+    stats.seconds = time.perf_counter() - started  # listing the folders too
     return [p for p in candidates if id(p) not in bad_ids], skipped, stats
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -209,6 +210,7 @@ def scan_folder(
     >>> s.layout, s.classes, len(s.train), len(s.val)
     ('train/val', ['ant', 'bee'], 8, 2)
     """
+    started = time.perf_counter()
     root = _check_root(root)
     if not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
         raise FinetuneError(f"val_fraction must be a number in [0, 1), got `{val_fraction}`")
@@ -283,6 +285,7 @@ def scan_folder(
                 notes.append(
                     f"class(es) {_names(single)} have a single image; nothing held out for val"
                 )
+    stats.seconds = time.perf_counter() - started  # the whole scan: listing the folders and splitting too
     return FolderSplit(root, classes, train, val, skipped, layout, notes, scan=stats)
 
 

@@ -73,7 +73,9 @@ _MISS = object()
 
 @dataclass
 class ScanStats:
-    """What one scan did: files looked at, decoded, taken from the cache; seconds it took.
+    """What one scan did: files looked at, decoded, taken from the cache; seconds it took (the checks;
+    :func:`~finetune.data.folder.scan_folder` and :func:`~finetune.data.files.find_images` count listing
+    and splitting the folders too).
 
     >>> ScanStats(images=3, decoded=1, cached=2, seconds=0.25).describe()
     '3 images, 1 decoded, 2 from cache (0.2 s)'
