@@ -1,0 +1,61 @@
+"""What several commands share: the recipe flags generated from the recipe's fields, and the one
+path from parsed flags to a :class:`~finetune.config.Recipe`.
+
+>>> import argparse
+>>> parser = argparse.ArgumentParser()
+>>> add_recipe_flags(parser)
+>>> args = parser.parse_args(["--data", "photos", "--epochs", "3"])
+>>> args.data, args.epochs
+('photos', '3')
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from finetune.config import SHORT_KEYS, Recipe, base_type, field_specs
+
+__all__ = ["TTA_HELP", "add_recipe_flags", "recipe_from_args"]
+
+TTA_HELP = "test-time augmentation: mean softmax over each image and its horizontal flip"
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """``--set`` plus one flag per short key, generated from the recipe's field metadata."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any recipe key, e.g. --set optim.lr=3e-4 --set lora.enabled=true")
+    specs = field_specs()
+    for short, dotted in SHORT_KEYS.items():
+        spec = specs[dotted]
+        flag = "--" + short.replace("_", "-")
+        kind = base_type(spec["type"])
+        default = spec["default"]
+        help_text = f"{spec['help']} [{dotted}]" + ("" if default is None or short == "data" else
+                                                    f" (default: {default})")
+        if kind is bool:
+            parser.add_argument(flag, dest=short, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif short == "resume":  # `--resume` alone means the latest checkpoint of --out
+            parser.add_argument(flag, dest=short, nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                                help=help_text)
+        elif short == "check_images":  # --check-images [true|false|lazy]; --no-check-images = false
+            parser.add_argument(flag, dest=short, nargs="?", const="true", default=None,
+                                metavar="{true,false,lazy}", help=help_text)
+            parser.add_argument("--no-check-images", dest=short, action="store_const", const="false",
+                                help="same as --check-images false")
+        else:
+            # No argparse `choices`: the Recipe validates and answers in one line, like YAML recipes.
+            parser.add_argument(flag, dest=short, default=None, metavar=short.upper(), help=help_text)
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The one path from the command line to a Recipe: recipe file/name, then flags, then --set."""
+    from finetune.config.lookup import find_recipe
+
+    flags = [f"{SHORT_KEYS[short]}={value}" for short in SHORT_KEYS
+             if (value := getattr(args, short, None)) is not None]
+    overrides = flags + list(args.overrides)
+    if args.recipe:
+        return Recipe.from_yaml(find_recipe(args.recipe), overrides=overrides)
+    recipe = Recipe.from_dict({}, overrides=overrides)
+    recipe.require_data()
+    return recipe
