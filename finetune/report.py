@@ -50,15 +50,20 @@ def _file_uri(path: Path) -> str | None:
 
 
 def _thumbnail(path: str | os.PathLike) -> str | None:
-    """A JPEG thumbnail of an image file as a data URI (``None`` when it cannot be read)."""
+    """A JPEG thumbnail of an image file (or data-set row) as a data URI (``None`` when it cannot be read)."""
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")
-            image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-            buffer = io.BytesIO()
-            image.save(buffer, "JPEG", quality=80)
+        if os.fspath(path).startswith("hf:"):  # a row of a Hugging Face data set (finetune.data.hf)
+            from finetune.data.hf import load_row
+
+            image = load_row(path)
+        else:
+            with Image.open(path) as opened:
+                image = ImageOps.exif_transpose(opened).convert("RGB")
+        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=80)
     except Exception:  # noqa: BLE001 -- a file that went away or broke since training: no thumbnail
         return None
     return _png_uri(buffer.getvalue(), "jpeg")

@@ -102,3 +102,38 @@ def test_predict_tta(run, data):
     assert cli.returncode == 0, cli.stderr
     row = json.loads(cli.stdout)[0]
     assert row["labels"] == results[0].labels[:2] and row["probs"] == pytest.approx(results[0].probs[:2], abs=1e-5)
+
+
+def test_five_crop_is_the_mean_softmax_of_ten_views(run, data):
+    """``--tta five-crop``: the corners and centre of the eval-resized image (timm's ``img_size / crop_pct``),
+    each with its flip; the plain figure of the same pass is the centre crop = the usual eval view."""
+    from torchvision.transforms import functional as TF
+
+    from finetune.data import ImageDataset, build_transform
+    from finetune.data.dataset import FiveCrop
+
+    model, data_config = load_model(run)
+    model.eval()
+    _, samples, _ = scan_labelled(data, classes=list(read_run_meta(run)["classes"]))
+    samples = samples[::5]
+    plain_tf = build_transform(data_config, train=False)
+    five = ImageDataset(samples, FiveCrop(plain_tf))
+    raw = ImageDataset(samples)
+    size = plain_tf.transforms[1].size
+    expected_probs = []
+    with torch.no_grad():
+        for i in range(len(samples)):
+            crops, _ = five[i]
+            resized = TF.normalize(TF.to_tensor(plain_tf.transforms[0](raw[i][0])), data_config["mean"],
+                                   data_config["std"])
+            assert torch.allclose(crops[0], resized[:, :size[0], :size[1]])  # top-left corner
+            assert torch.allclose(crops[4], plain_tf(raw[i][0]))  # centre = the plain eval view
+            views = torch.cat([crops, torch.flip(crops, dims=[3])])
+            expected_probs.append(torch.stack([model(v[None]).softmax(1)[0] for v in views]).mean(0))
+    loader = eval_loader(samples, data_config, 4, five_crop=True)
+    tta, labels = predict_logits(model, loader, torch.device("cpu"), tta=True)
+    torch.testing.assert_close(tta.exp(), torch.stack(expected_probs), rtol=0, atol=1e-5)
+    assert labels.tolist() == [s.label for s in samples]
+    metrics = evaluate(run, data, batch_size=8, tta="five-crop", out=run.parent / "eval-five")
+    assert metrics["tta"] == "five-crop+hflip"
+    assert metrics["plain"]["top1"] == pytest.approx(evaluate(run, data, batch_size=8, out=run.parent / "e")["top1"])

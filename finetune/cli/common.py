@@ -15,9 +15,11 @@ import argparse
 
 from finetune.config import SHORT_KEYS, Recipe, base_type, field_specs
 
-__all__ = ["TTA_HELP", "add_recipe_flags", "recipe_from_args"]
+__all__ = ["TTA_CHOICES", "TTA_HELP", "add_recipe_flags", "recipe_from_args"]
 
-TTA_HELP = "test-time augmentation: mean softmax over each image and its horizontal flip"
+TTA_HELP = ("test-time augmentation: --tta (= flip) averages the softmax over each image and its horizontal flip; "
+            "--tta five-crop over five crops (corners + centre after timm's crop_pct resize) and their flips")
+TTA_CHOICES = ("flip", "five-crop")
 
 
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:

@@ -7,14 +7,15 @@ import csv
 import json
 import sys
 
-from finetune.cli.common import TTA_HELP
+from finetune.cli.common import TTA_CHOICES, TTA_HELP
 from finetune.errors import FinetuneError
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from finetune.inference import evaluate
 
-    metrics = evaluate(args.run, args.data, out=args.out, batch_size=args.batch_size, labels=args.labels, tta=args.tta)
+    metrics = evaluate(args.run, args.data, out=args.out, batch_size=args.batch_size, labels=args.labels, tta=args.tta,
+                       image_column=args.image_column, label_column=args.label_column)
     if args.json:
         print(json.dumps({k: v for k, v in metrics.items() if k not in ("confusion",)}, indent=2))
         return 0
@@ -25,7 +26,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if value is not None:
             print(f"  {label:<18} {value:.4f}")
     if "plain" in metrics:  # --tta: the figures above are with it
-        print(f"  {'without TTA':<18} top-1 {metrics['plain']['top1']:.4f}, loss {metrics['plain']['loss']:.4f}")
+        print(f"  {'without TTA':<18} top-1 {metrics['plain']['top1']:.4f}, loss {metrics['plain']['loss']:.4f} "
+              f"(TTA: {metrics['tta']})")
     print(f"  {'class':<20} {'precision':>9} {'recall':>7} {'f1':>6} {'n':>6}")
     for name, row in metrics["per_class"].items():
         print(f"  {name:<20} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['f1']:>6.3f} {int(row['support']):>6}")
@@ -78,13 +80,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``eval``, ``predict``, ``report``, ``push`` to the ``finetune`` sub-commands."""
     ev = sub.add_parser("eval", help="metrics and confusion matrix of a run on a labelled folder")
     ev.add_argument("run", help="run directory written by `finetune train`")
-    ev.add_argument("--data", required=True, help="labelled folder: DIR/<class>/* (or DIR/val/<class>/*)")
+    ev.add_argument("--data", required=True, help="labelled folder: DIR/<class>/* (or DIR/val/<class>/*), or a Hugging "
+                    "Face data set: hf:DIR (save_to_disk; its test split, else validation) or hf:imagefolder:DIR")
+    ev.add_argument("--image-column", default="image", help="image column of an hf: data set (default: image)")
+    ev.add_argument("--label-column", default="label", help="label column of an hf: data set (default: label)")
     ev.add_argument("--labels", help="CSV or .jsonl manifest of the images in --data (path,label rows) instead of "
                     "class folders")
     ev.add_argument("--out", help="where to write metrics.json, confusion.png (default RUN/eval-<folder>)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    ev.add_argument("--tta", action="store_true", help=TTA_HELP + "; also reports the figures without it")
+    ev.add_argument("--tta", nargs="?", const="flip", default=None, choices=TTA_CHOICES,
+                    help=TTA_HELP + "; also reports the figures without it")
     ev.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="top-k labels for image files and folders")
@@ -92,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     pr.add_argument("--top-k", type=int, default=5)
     pr.add_argument("--batch-size", type=int, default=32)
-    pr.add_argument("--tta", action="store_true", help=TTA_HELP)
+    pr.add_argument("--tta", nargs="?", const="flip", default=None, choices=TTA_CHOICES, help=TTA_HELP)
     fmt = pr.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON output")
     fmt.add_argument("--csv", action="store_true", help="CSV output")

@@ -57,6 +57,7 @@ SHORT_KEYS = {
     "checkpoint_every": "runtime.checkpoint_every", "resume": "runtime.resume",
     "report_to": "runtime.report_to", "monitor": "optim.monitor", "patience": "optim.patience",
     "min_delta": "optim.min_delta", "keep_checkpoints": "runtime.keep_checkpoints", "labels": "data.labels",
+    "image_column": "data.image_column", "label_column": "data.label_column",
 }
 
 

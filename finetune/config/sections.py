@@ -109,8 +109,11 @@ class DataConfig(_Section):
                                      "folders"))
     path_column: str = field(default="path", metadata=_help("manifest column of the image paths (default: path, "
                                                             "else filename/file/image...)"))
-    label_column: str = field(default="label", metadata=_help("manifest column of the labels (default: label, "
-                                                              "else class/category...)"))
+    label_column: str = field(default="label", metadata=_help("manifest (or hf: data set) column of the labels "
+                                                              "(default: label, else class/category... or the "
+                                                              "ClassLabel feature)"))
+    image_column: str = field(default="image", metadata=_help("image column of a Hugging Face data set (--data "
+                                                              "hf:DIR; default: image, else its Image feature)"))
     split_column: str = field(default="split", metadata=_help("manifest column of the split (train/val; other "
                                                               "values left out); none: split like a class folder"))
     val_fraction: float = field(default=0.2, metadata=_help("validation share when the folder has no val split"))
@@ -132,7 +135,10 @@ class DataConfig(_Section):
             self.root = os.path.expanduser(self.root)
         if self.labels is not None:
             self.labels = os.path.expanduser(self.labels)
-        for name in ("path_column", "label_column", "split_column"):
+            if str(self.root or "").startswith("hf:"):
+                raise FinetuneError(f"data.labels: `{self.labels}` cannot be combined with the Hugging Face data set "
+                                    f"`{self.root}`, whose labels are its column data.label_column; drop --labels")
+        for name in ("path_column", "label_column", "split_column", "image_column"):
             if not getattr(self, name).strip():
                 raise FinetuneError(f"data.{name}: empty; name a column of the manifest (data.labels)")
         if not 0 < self.val_fraction < 1:

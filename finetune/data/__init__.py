@@ -1,7 +1,8 @@
 """Image data: which files are images (:mod:`~finetune.data.files`), decoding and checking them
 (:mod:`~finetune.data.images`), remembering what was checked (:mod:`~finetune.data.scan_cache`),
 recording what fails to load during training (:mod:`~finetune.data.skiplog`), class folders and their
-train/val split (:mod:`~finetune.data.folder`), CSV/JSON Lines manifests (:mod:`~finetune.data.manifest`), datasets, transforms and loaders
+train/val split (:mod:`~finetune.data.folder`), CSV/JSON Lines manifests (:mod:`~finetune.data.manifest`), Hugging Face data sets
+(:mod:`~finetune.data.hf`), datasets, transforms and loaders
 (:mod:`~finetune.data.dataset`), the seeded sampler (:mod:`~finetune.data.sampling`) and the embedded
 demo data set (:mod:`~finetune.data.demo`).
 
@@ -18,6 +19,7 @@ from finetune.data.files import (IMAGE_EXTENSIONS, Skipped, find_images, list_im
                                  write_skipped)
 from finetune.data.folder import (VAL_DIR_NAMES, FolderSplit, Sample, is_unlabelled_folder, scan_folder, scan_labelled,
                                   scan_unlabelled)
+from finetune.data.hf import is_hf_source, scan_hf, scan_hf_labelled
 from finetune.data.images import load_rgb, to_rgb
 from finetune.data.manifest import manifest_path, read_manifest, scan_manifest, scan_manifest_labelled
 from finetune.data.scan_cache import ScanStats, check_paths, decodes
@@ -41,6 +43,7 @@ __all__ = [
     "draft_size",
     "eval_loader",
     "find_images",
+    "is_hf_source",
     "is_unlabelled_folder",
     "lazy_skip_log",
     "list_images",
@@ -50,6 +53,8 @@ __all__ = [
     "read_manifest",
     "read_skipped",
     "scan_folder",
+    "scan_hf",
+    "scan_hf_labelled",
     "scan_labelled",
     "scan_manifest",
     "scan_manifest_labelled",

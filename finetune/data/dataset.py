@@ -26,7 +26,7 @@ from finetune.data.images import failure_reason, load_rgb
 from finetune.data.skiplog import SkipLog
 from finetune.errors import FinetuneError
 
-__all__ = ["BadImageWarning", "ImageDataset", "PathTable", "build_transform", "class_weights", "draft_size",
+__all__ = ["BadImageWarning", "FiveCrop", "ImageDataset", "PathTable", "build_transform", "class_weights", "draft_size",
            "eval_loader"]
 
 
@@ -65,6 +65,15 @@ class PathTable(Sequence[Path]):
 
     def __repr__(self) -> str:
         return f"PathTable({len(self)} paths)"
+
+
+def _load(path: Path, draft_size: int | None) -> object:
+    """A file's image, or a Hugging Face data-set row's (its :func:`~finetune.data.hf.row_path`)."""
+    if os.fspath(path).startswith("hf:"):
+        from finetune.data.hf import load_row
+
+        return load_row(path, draft_size=draft_size)
+    return load_rgb(path, draft_size=draft_size)
 
 
 class BadImageWarning(UserWarning):
@@ -148,7 +157,7 @@ class ImageDataset(torch.utils.data.Dataset):
             if i in self._bad:
                 continue
             try:
-                img = load_rgb(self.paths[i], draft_size=self.draft_size)
+                img = _load(self.paths[i], self.draft_size)
             except Exception as exc:  # noqa: BLE001 -- any decoder failure
                 if self.on_error == "raise":
                     raise FinetuneError(
@@ -237,6 +246,38 @@ def build_transform(
     return timm.data.create_transform(**kwargs)
 
 
+class FiveCrop:
+    """The eval transform with its centre crop replaced by five crops (four corners and the centre, in
+    torchvision's order): what the eval transform resizes to (``img_size / crop_pct``, timm's rule) is
+    cut into five ``img_size`` crops, each converted and normalised as usual; output ``[5, C, H, W]``.
+    The last crop is the plain eval view.
+
+    >>> from PIL import Image
+    >>> cfg = dict(input_size=(3, 32, 32), interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875)
+    >>> plain, five = build_transform(cfg, train=False), FiveCrop(build_transform(cfg, train=False))
+    >>> image = Image.effect_noise((40, 50), 64).convert("RGB")
+    >>> crops = five(image)
+    >>> tuple(crops.shape), bool((crops[4] == plain(image)).all()), bool((crops[0] == crops[4]).all())
+    ((5, 3, 32, 32), True, False)
+    """
+
+    def __init__(self, eval_transform: Callable) -> None:
+        from torchvision import transforms
+
+        steps = list(getattr(eval_transform, "transforms", []))
+        at = next((i for i, t in enumerate(steps) if type(t).__name__ in ("CenterCrop", "CenterCropOrPad")), None)
+        if at is None:
+            raise FinetuneError("five-crop test-time augmentation needs an eval transform with a centre crop "
+                                f"(got {eval_transform!r})")
+        size = steps[at].size
+        self.before = transforms.Compose(steps[:at])
+        self.crop = transforms.FiveCrop(size)
+        self.after = transforms.Compose(steps[at + 1:])
+
+    def __call__(self, image: object) -> torch.Tensor:
+        return torch.stack([self.after(crop) for crop in self.crop(self.before(image))])
+
+
 def draft_size(data_config: dict) -> int:
     """JPEG draft size for a model's input: twice its side, so crops and resizes keep full detail.
 
@@ -247,15 +288,17 @@ def draft_size(data_config: dict) -> int:
 
 
 def eval_loader(items: Sequence[Sample] | Sequence[str | os.PathLike], data_config: dict,
-                batch_size: int = 64, num_workers: int = 0) -> torch.utils.data.DataLoader:
-    """Deterministic, in-order loader with the model's eval transform (JPEG draft decoding on).
+                batch_size: int = 64, num_workers: int = 0, five_crop: bool = False) -> torch.utils.data.DataLoader:
+    """Deterministic, in-order loader with the model's eval transform (JPEG draft decoding on); with
+    ``five_crop`` each image is a ``[5, C, H, W]`` stack of crops (:class:`FiveCrop`).
 
     >>> loader = eval_loader([], {"input_size": (3, 32, 32), "interpolation": "bilinear",
     ...                           "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0})
     >>> len(loader)
     0
     """
-    dataset = ImageDataset(items, build_transform(data_config, train=False), draft_size=draft_size(data_config))
+    transform = build_transform(data_config, train=False)
+    dataset = ImageDataset(items, FiveCrop(transform) if five_crop else transform, draft_size=draft_size(data_config))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 

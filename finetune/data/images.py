@@ -24,14 +24,14 @@ import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from finetune.errors import one_line
 
-__all__ = ["check_file", "check_files", "failure_reason", "load_rgb", "to_rgb"]
+__all__ = ["check_file", "check_files", "decode_reason", "failure_reason", "load_rgb", "to_rgb"]
 
 _CHECK_SIZE = (64, 64)  # JPEGs are decoded at reduced scale (>= this size) when checking
 _CHUNK = 64  # files per thread-pool task in check_files
@@ -94,8 +94,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         raise _UnsupportedMode(f"cannot convert image mode `{mode}` to RGB") from exc
 
 
-def load_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
-    """Open an image as a loaded 8-bit RGB image, EXIF orientation applied (see :func:`to_rgb`).
+def load_rgb(path: str | os.PathLike | BinaryIO, draft_size: int | None = None) -> Image.Image:
+    """Open an image (a file, or a binary file object) as a loaded 8-bit RGB image, EXIF orientation applied (see :func:`to_rgb`).
 
     ``draft_size`` lets JPEGs decode at a reduced scale (1/2, 1/4, 1/8) as long as both
     sides stay >= ``draft_size`` -- a large speed-up for big photos fed to a small model.
@@ -167,8 +167,21 @@ def check_file(path: Path, decode: bool) -> str | None:
         return "empty file"
     if not decode:
         return None
+    return decode_reason(path)
+
+
+def decode_reason(source: str | os.PathLike | BinaryIO) -> str | None:
+    """None if the image file or file object ``source`` decodes (JPEGs at reduced scale), else the reason.
+
+    >>> import io
+    >>> from PIL import Image
+    >>> buffer = io.BytesIO()
+    >>> Image.new("RGB", (8, 8)).save(buffer, "PNG")
+    >>> decode_reason(io.BytesIO(buffer.getvalue())), decode_reason(io.BytesIO(b"nope"))
+    (None, 'not an image (cannot identify)')
+    """
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             limit = Image.MAX_IMAGE_PIXELS
             pixels = img.size[0] * img.size[1]
             if limit and pixels > limit:  # also when the warnings filter was changed under us

@@ -299,8 +299,9 @@ def scan_manifest_labelled(root: str | os.PathLike, labels: str | os.PathLike, c
 
 
 def scan_data_section(data: Any, seed: int) -> FolderSplit:
-    """The labelled train/val split a recipe's ``data`` section names: its manifest (``data.labels``) or
-    its class folders -- the one entry point for every command that re-reads a run's data.
+    """The labelled train/val split a recipe's ``data`` section names: its Hugging Face data set
+    (``data.root`` = ``hf:...``), its manifest (``data.labels``) or its class folders -- the one entry
+    point for every command that re-reads a run's data.
 
     >>> from finetune.config.sections import DataConfig                # doctest: +SKIP
     >>> scan_data_section(DataConfig(root="~/photos"), seed=0).classes  # doctest: +SKIP
@@ -308,6 +309,10 @@ def scan_data_section(data: Any, seed: int) -> FolderSplit:
     from finetune.data.folder import scan_folder
 
     common = dict(val_fraction=data.val_fraction, seed=seed, check_images=data.check_images)
+    if str(data.root).startswith("hf:"):  # a Hugging Face data set (finetune.data.hf)
+        from finetune.data.hf import scan_hf
+
+        return scan_hf(data.root, image_column=data.image_column, label_column=data.label_column, **common)
     if data.labels:
         return scan_manifest(data.root, data.labels, path_column=data.path_column, label_column=data.label_column,
                              split_column=data.split_column, **common)

@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from finetune.data.hf import split_fingerprint
 from finetune.io import save_weights
 from finetune.data import ImageDataset
 from finetune.data.sampling import EpochSampler, SeededAugmentation
@@ -113,6 +114,9 @@ class FeatureCache:
         for dataset in (self.train, self.val):
             digest.update(repr(dataset.transform).encode())
             for path in dataset.paths:
+                if str(path).startswith("hf:"):  # a data-set row: its split's fingerprint stands for size, mtime
+                    digest.update(f"{path}|{split_fingerprint(path)}".encode())
+                    continue
                 stat = path.stat()
                 digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
         digest.update(f"seed={self.seed}".encode())

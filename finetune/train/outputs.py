@@ -18,6 +18,7 @@ from torch import nn
 
 from finetune.config.recipe import Recipe
 from finetune.data import FolderSplit, manifest_path, write_skipped
+from finetune.data.hf import is_hf_source, normalise_source, source_folder
 from finetune.errors import FinetuneError
 from finetune.io import write_text
 from finetune.models.weights import model_source
@@ -60,7 +61,8 @@ def check_run_dir(recipe: Recipe, overwrite: bool) -> Path:
     run_dir = default_run_dir(recipe)
     if run_dir.exists() and not run_dir.is_dir():
         raise FinetuneError(f"--out `{run_dir}` is a file; pass a directory for the run")
-    data = Path(recipe.require_data()).expanduser().resolve()
+    root = recipe.require_data()
+    data = (source_folder(root) if is_hf_source(root) else Path(root)).expanduser().resolve()
     if run_dir.resolve() == data or data in run_dir.resolve().parents:
         raise FinetuneError(
             f"run directory `{run_dir}` is inside the data folder `{recipe.data.root}`, so its files would become "
@@ -83,7 +85,9 @@ def recipe_for_disk(recipe: Recipe, run_dir: Path) -> Recipe:
     """The recipe as ``RUN/recipe.yaml`` stores it: paths absolute (it re-runs from any folder),
     no ``runtime.resume`` (a re-run starts from scratch unless asked)."""
     changes: dict = {"runtime.resume": None, "runtime.out": str(run_dir.resolve())}
-    if recipe.data.root:
+    if recipe.data.root and is_hf_source(recipe.data.root):
+        changes["data.root"] = normalise_source(recipe.data.root)
+    elif recipe.data.root:
         changes["data.root"] = str(Path(recipe.data.root).expanduser().resolve())
     if recipe.data.labels:
         changes["data.labels"] = str(manifest_path(recipe.data.labels, recipe.data.root).resolve())

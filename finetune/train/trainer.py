@@ -28,6 +28,7 @@ from torch import nn
 from finetune.config import Recipe
 from finetune.data import (FolderSplit, is_unlabelled_folder, lazy_skip_log, merge_skipped, read_skipped, scan_folder,
                            scan_manifest, scan_unlabelled, write_skipped)
+from finetune.data.hf import is_hf_source, scan_hf
 from finetune.errors import FinetuneError
 from finetune.hub import write_model_card
 from finetune.report import write_report
@@ -207,6 +208,9 @@ def scan_data(recipe: Recipe, source_meta: dict[str, Any] | None) -> tuple[Folde
     if labels:
         scan = functools.partial(scan_manifest, labels=labels, path_column=recipe.data.path_column,
                                  label_column=recipe.data.label_column, split_column=recipe.data.split_column)
+    if is_hf_source(data_root):  # a Hugging Face data set: hf:DIR or hf:imagefolder:DIR (finetune.data.hf)
+        scan = functools.partial(scan_hf, image_column=recipe.data.image_column,
+                                 label_column=recipe.data.label_column)
     state = PartialState()
     lazy = recipe.data.check_images == "lazy"
     skip_log = lazy_skip_log(recipe.runtime.out, state.process_index) if lazy else None
