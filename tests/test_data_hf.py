@@ -194,7 +194,7 @@ def test_eval_on_hf_matches_eval_on_folders_and_five_crop_tta(runs, flat, saved,
     assert five["plain"]["top1"] == pytest.approx(by_hf["top1"])  # the centre crop is the plain view
     assert five["plain"]["loss"] == pytest.approx(by_hf["loss"], rel=1e-4)
     assert five["loss"] != pytest.approx(by_hf["loss"], rel=1e-4)
-    text = run_finetune("eval", str(hf), "--data", f"hf:{saved[0]}", "--tta", "five-crop", "--out", str(tmp_path / "x"))
+    text = run_finetune("eval", str(hf), "--data", f"hf:{saved[0]}", "--five-crop", "--out", str(tmp_path / "x"))
     assert text.returncode == 0, text.stderr[-2000:]
     assert "without TTA" in text.stdout and "five-crop+hflip" in text.stdout
     _, samples, _ = scan_labelled(flat)

@@ -15,11 +15,32 @@ import argparse
 
 from finetune.config import SHORT_KEYS, Recipe, base_type, field_specs
 
-__all__ = ["TTA_CHOICES", "TTA_HELP", "add_recipe_flags", "recipe_from_args"]
+__all__ = ["add_recipe_flags", "add_tta_arguments", "recipe_from_args"]
 
-TTA_HELP = ("test-time augmentation: --tta (= flip) averages the softmax over each image and its horizontal flip; "
-            "--tta five-crop over five crops (corners + centre after timm's crop_pct resize) and their flips")
-TTA_CHOICES = ("flip", "five-crop")
+def add_tta_arguments(parser: argparse.ArgumentParser, extra_help: str = "") -> None:
+    """``--tta`` (the image and its horizontal flip) and ``--five-crop`` (five crops and their flips) into
+    ``args.tta`` (``None``, ``"flip"`` or ``"five-crop"``). Two flags rather than ``--tta [MODE]``: an
+    optional value would swallow the next word, so ``predict RUN --tta img.jpg`` would fail.
+
+    >>> parser = argparse.ArgumentParser()
+    >>> add_tta_arguments(parser)
+    >>> [parser.parse_args(a).tta for a in ([], ["--tta"], ["--five-crop"], ["--tta", "--five-crop"])]
+    [None, 'flip', 'five-crop', 'five-crop']
+    """
+    group = parser.add_argument_group("test-time augmentation")
+    group.add_argument("--tta", action=_FlipUnlessFiveCrop, nargs=0, default=None,
+                       help="average the softmax over each image and its horizontal flip" + extra_help)
+    group.add_argument("--five-crop", dest="tta", action="store_const", const="five-crop",
+                       help="average over five crops (corners + centre after timm's crop_pct resize) and their "
+                            "flips: ten views; implies --tta")
+
+
+class _FlipUnlessFiveCrop(argparse.Action):
+    """``--tta``: ``"flip"``, unless ``--five-crop`` came first (it includes the flips)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001 -- argparse's signature
+        if getattr(namespace, self.dest, None) is None:
+            setattr(namespace, self.dest, "flip")
 
 
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ import csv
 import json
 import sys
 
-from finetune.cli.common import TTA_CHOICES, TTA_HELP
+from finetune.cli.common import add_tta_arguments
 from finetune.errors import FinetuneError
 
 
@@ -89,8 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--out", help="where to write metrics.json, confusion.png (default RUN/eval-<folder>)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    ev.add_argument("--tta", nargs="?", const="flip", default=None, choices=TTA_CHOICES,
-                    help=TTA_HELP + "; also reports the figures without it")
+    add_tta_arguments(ev, "; also reports the figures without it")
     ev.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="top-k labels for image files and folders")
@@ -98,7 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     pr.add_argument("--top-k", type=int, default=5)
     pr.add_argument("--batch-size", type=int, default=32)
-    pr.add_argument("--tta", nargs="?", const="flip", default=None, choices=TTA_CHOICES, help=TTA_HELP)
+    add_tta_arguments(pr)
     fmt = pr.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON output")
     fmt.add_argument("--csv", action="store_true", help="CSV output")
