@@ -18,6 +18,7 @@ from torch import nn
 
 from finetune.config.recipe import Recipe
 from finetune.data import FolderSplit, manifest_path, write_skipped
+from finetune.data.shards import absolute_spec, is_wds
 from finetune.errors import FinetuneError
 from finetune.io import write_text
 from finetune.models.weights import model_source
@@ -83,7 +84,11 @@ def recipe_for_disk(recipe: Recipe, run_dir: Path) -> Recipe:
     """The recipe as ``RUN/recipe.yaml`` stores it: paths absolute (it re-runs from any folder),
     no ``runtime.resume`` (a re-run starts from scratch unless asked)."""
     changes: dict = {"runtime.resume": None, "runtime.out": str(run_dir.resolve())}
-    if recipe.data.root:
+    if is_wds(recipe.data.root):
+        changes["data.root"] = absolute_spec(recipe.data.root)
+        if recipe.data.val_root:
+            changes["data.val_root"] = absolute_spec(recipe.data.val_root)
+    elif recipe.data.root:
         changes["data.root"] = str(Path(recipe.data.root).expanduser().resolve())
     if recipe.data.labels:
         changes["data.labels"] = str(manifest_path(recipe.data.labels, recipe.data.root).resolve())
