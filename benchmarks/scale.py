@@ -6,12 +6,15 @@ For each size (``--sizes``, default 1,000 / 10,000 / 100,000 images in 10 class 
     finetune train --data D --model mobilenetv2_100 --weights offline --img-size 32 --epochs 1
                    --memory-format contiguous --no-progress --batch-size 32 --checkpoint-every 1 --out RUN
 
-in three modes:
+in four modes:
 
 * ``first`` -- the default full check (every file decoded up front) with an empty scan cache: the
   **baseline**, today's full scan on this machine in this run;
 * ``second`` -- the same command again: the scan cache answers for every file;
-* ``lazy`` -- ``--check-images lazy``: nothing decoded up front.
+* ``lazy`` -- ``--check-images lazy``: nothing decoded up front;
+* ``shards`` -- ``--data wds:SHARDS`` after ``finetune shard D --out SHARDS`` (written once per size,
+  its time reported as ``shard write s``): classes and counts come from the shard index, nothing is
+  scanned; the loader streams the tars (webdataset). Its img/s comes from its own throughput run.
 
 **Start-up** is the wall time from starting the process to the first optimizer step, detected as
 ``RUN/checkpoints/latest`` naming update 1 (``--checkpoint-every 1``; polled every 5 ms); the
@@ -69,13 +72,14 @@ import torch
 from PIL import Image
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("first", "second", "lazy")
+MODES = ("first", "second", "lazy", "shards")
 BATCH = 32
 CLASSES = 10
 JPEG_DECODE_S = 0.006  # one camera JPEG, for the labelled estimate
 COMMAND = ["--model", "mobilenetv2_100", "--weights", "offline", "--img-size", "32", "--epochs", "1",
            "--memory-format", "contiguous", "--no-progress", "--batch-size", str(BATCH)]
 SCAN_LINE = re.compile(r"^scan: (\d+) images, (\d+) decoded, (\d+) from cache \(([\d.]+) s\)", re.M)
+SHARDS_LINE = re.compile(r"^shards: .*; (\d+) train / (\d+) val images \(from the index\)", re.M)
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 7) -> float:
@@ -189,7 +193,7 @@ def own_cpu_seconds() -> float:
     return mine.ru_utime + mine.ru_stime + children.ru_utime + children.ru_stime
 
 
-def run_cli(data: Path, out: Path, cache: Path, check: str, every: int, marks: list[int], threads: int,
+def run_cli(data: Path | str, out: Path, cache: Path, check: str, every: int, marks: list[int], threads: int,
             timeout: float = 900) -> dict[str, Any]:
     """Start ``finetune train``; the wall time at which each update in ``marks`` is checkpointed; kill it after the last."""
     shutil.rmtree(out, ignore_errors=True)
@@ -229,10 +233,13 @@ def run_cli(data: Path, out: Path, cache: Path, check: str, every: int, marks: l
     others = None if busy_before is None or busy_after is None else max(
         0.0, (busy_after - busy_before) - (own_cpu_seconds() - own_before)) / (wall * (os.cpu_count() or 1))
     text = log.read_text()
-    scan = SCAN_LINE.search(text)
-    if scan is None:
+    scan, shards = SCAN_LINE.search(text), SHARDS_LINE.search(text)
+    if scan is None and shards is None:
         raise RuntimeError(f"no scan line in the output of `{' '.join(argv)}`:\n{text[-3000:]}")
-    images, decoded, cached, seconds = scan.groups()
+    if scan is not None:
+        images, decoded, cached, seconds = scan.groups()
+    else:  # shards: nothing scanned; the index's counts
+        images, decoded, cached, seconds = int(shards.group(1)) + int(shards.group(2)), 0, 0, 0.0
     return {"marks": {str(k): v for k, v in sorted(seen.items())}, "scan_images": int(images),
             "decoded": int(decoded), "from_cache": int(cached), "scan_seconds": float(seconds),
             "peak_rss": memory.get("VmHWM"), "rss": memory.get("VmRSS"), "load_before": load_before,
@@ -251,12 +258,19 @@ def measure_size(n: int, work: Path, cache: Path, repeats: int, threads: int, im
     data = hardlinked_folder(work / f"data-{n}", n, images)
     row: dict[str, Any] = {"images": n, "kind": images, "build_data_seconds": time.perf_counter() - tic, "runs": {}}
     print(f"\n{n:,} images (hard links made in {row['build_data_seconds']:.1f} s)", flush=True)
+    shards = work / f"shards-{n}"
+    tic = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "finetune.cli", "shard", str(data), "--out", str(shards)], check=True,
+                   capture_output=True, env={**os.environ, "FINETUNE_CACHE": str(cache)})
+    row["shard_write_s"] = time.perf_counter() - tic
+    print(f"  finetune shard wrote {len(list(shards.glob('*.tar')))} shard(s) in {row['shard_write_s']:.1f} s", flush=True)
     for repeat in range(repeats):
         for mode in MODES:
             if mode == "first":
                 shutil.rmtree(cache / "scan", ignore_errors=True)  # the baseline: an empty scan cache
             check = "lazy" if mode == "lazy" else "true"
-            run = run_cli(data, work / "runs" / f"{n}-{mode}-{repeat}", cache, check, 1, [1, 2], threads)
+            source = f"wds:{shards}" if mode == "shards" else data
+            run = run_cli(source, work / "runs" / f"{n}-{mode}-{repeat}", cache, check, 1, [1, 2], threads)
             row["runs"].setdefault(mode, []).append(run)
             expected_decoded = n if mode == "first" else 0
             if run["scan_images"] != n or run["decoded"] != expected_decoded:
@@ -267,7 +281,11 @@ def measure_size(n: int, work: Path, cache: Path, repeats: int, threads: int, im
     every = throughput_every(n)
     speed = run_cli(data, work / "runs" / f"{n}-throughput", cache, "true", every, [every, 2 * every], threads)
     row["throughput_run"] = {"every": every, **speed}
+    shard_speed = run_cli(f"wds:{shards}", work / "runs" / f"{n}-throughput-shards", cache, "true", every,
+                          [every, 2 * every], threads)
+    row["throughput_run_shards"] = {"every": every, **shard_speed}
     shutil.rmtree(work / "runs", ignore_errors=True)
+    shutil.rmtree(shards, ignore_errors=True)
     shutil.rmtree(data, ignore_errors=True)
     shutil.rmtree(data.parent / f"{data.name}-originals", ignore_errors=True)
 
@@ -280,12 +298,17 @@ def measure_size(n: int, work: Path, cache: Path, repeats: int, threads: int, im
                      "update_plus_checkpoint_s": statistics.median(r["marks"]["2"] - r["marks"]["1"] for r in runs),
                      "load_average": statistics.median(r["load_before"] for r in runs),
                      "other_cpu_share": max((r["other_cpu_share"] or 0.0) for r in runs)}
-    one = statistics.median(row[m]["update_plus_checkpoint_s"] for m in MODES)  # 1 update + 1 checkpoint
+    folder_modes = [m for m in MODES if m != "shards"]
+    one = statistics.median(row[m]["update_plus_checkpoint_s"] for m in folder_modes)  # 1 update + 1 checkpoint
     span = speed["marks"][str(2 * every)] - speed["marks"][str(every)]  # `every` updates + 1 checkpoint
     per_update = max((span - one) / (every - 1), 1e-9)
     row["seconds_per_update"] = per_update
     row["checkpoint_s"] = max(one - per_update, 0.0)
     row["train_img_per_s"] = BATCH / per_update
+    one_shards = row["shards"]["update_plus_checkpoint_s"]
+    span = shard_speed["marks"][str(2 * every)] - shard_speed["marks"][str(every)]
+    row["shards_img_per_s"] = BATCH / max((span - one_shards) / (every - 1), 1e-9)
+    row["shards_over_first"] = row["shards"]["startup_s"] / row["first"]["startup_s"]
     first, second, lazy = row["first"]["startup_s"], row["second"]["startup_s"], row["lazy"]["startup_s"]
     row["second_over_first"], row["lazy_over_first"] = second / first, lazy / first
     if images == "camera":  # measured with camera JPEGs: no estimate needed
@@ -307,10 +330,12 @@ def print_table(rows: list[dict[str, Any]]) -> str:
                          f"{f['peak_rss_bytes'] / 1e6:.0f} | {f['startup_s'] / row['first']['startup_s']:.2f} | "
                          f"{100 * f['other_cpu_share']:.0f} % |")
     how = "measured" if rows and rows[0].get("kind") == "camera" else "estimate"
-    lines += ["", f"| images | train img/s | s/update | checkpoint s | first-run start-up, camera JPEGs ({how}) s "
-              f"| second ÷ first, camera JPEGs ({how}) | others' CPU |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", f"| images | train img/s | shards img/s | shard write s | s/update | checkpoint s | first-run start-up, "
+              f"camera JPEGs ({how}) s | second ÷ first, camera JPEGs ({how}) | others' CPU |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        lines.append(f"| {row['images']:,} | {row['train_img_per_s']:.0f} | {row['seconds_per_update']:.3f} | "
+        lines.append(f"| {row['images']:,} | {row['train_img_per_s']:.0f} | {row['shards_img_per_s']:.0f} | "
+                     f"{row['shard_write_s']:.1f} | {row['seconds_per_update']:.3f} | "
                      f"{row['checkpoint_s']:.2f} | {row['first_startup_camera_jpeg_estimate_s']:.0f} | "
                      f"{row['second_over_first_camera_jpeg_estimate']:.3f} | "
                      f"{100 * (row['throughput_run']['other_cpu_share'] or 0):.0f} % |")
@@ -344,11 +369,13 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     ax = axes.flat[3]
-    ax.plot(sizes, [r["train_img_per_s"] for r in rows], marker="o", color="black")
+    ax.plot(sizes, [r["train_img_per_s"] for r in rows], marker="o", color="black", label="folder")
+    ax.plot(sizes, [r["shards_img_per_s"] for r in rows], marker="s", color="grey", label="shards")
+    ax.legend()
     ax.set_xscale("log")
     ax.set_ylim(bottom=0)
     ax.set_xlabel("images")
-    ax.set_ylabel("training img/s (second mode)")
+    ax.set_ylabel("training img/s (second mode; shards)")
     ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -392,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
               f"estimate, {JPEG_DECODE_S * 1000:.0f} ms decode each")
     print(f"\nsecond-run start-up ÷ first-run start-up at {last['images']:,} {args.images} images: "
           f"{last['second_over_first']:.3f} (issue 17's bar: ≤ 0.10 at 100,000); lazy ÷ first: "
-          f"{last['lazy_over_first']:.3f}; with camera JPEGs ({camera}): {last['second_over_first_camera_jpeg_estimate']:.3f}")
+          f"{last['lazy_over_first']:.3f}; with camera JPEGs ({camera}): {last['second_over_first_camera_jpeg_estimate']:.3f}; "
+          f"shards ÷ first: {last['shards_over_first']:.3f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"when": datetime.now().isoformat(timespec="seconds"), "machine": machine, "cpu": cpu_name(),

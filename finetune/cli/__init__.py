@@ -1,7 +1,7 @@
 """The ``finetune`` command line. Each sub-command lives with its relatives in one module
-(:mod:`~finetune.cli.training`, :mod:`~finetune.cli.runs`, :mod:`~finetune.cli.models`,
-:mod:`~finetune.cli.deploy`), which registers its parsers; this module builds the parser and turns
-errors into exit codes.
+(:mod:`~finetune.cli.training`, :mod:`~finetune.cli.data`, :mod:`~finetune.cli.runs`,
+:mod:`~finetune.cli.models`, :mod:`~finetune.cli.deploy`), which registers its parsers; this module builds
+the parser and turns errors into exit codes.
 
 Every user mistake ends in one line on stderr (``finetune: error: …``) and exit code 2.
 
@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Sequence
 
-from finetune.cli import deploy, models, runs, training
+from finetune.cli import data, deploy, models, runs, training
 from finetune.errors import FinetuneError, one_line
 from finetune.train.launch import EXIT_PREEMPTED, lost_peer
 from finetune.train.preemption import Preempted
@@ -25,7 +25,7 @@ from finetune.version import __version__
 __all__ = ["build_parser", "main"]
 
 #: Modules whose ``register(sub)`` adds their sub-commands, in the order ``finetune --help`` lists them.
-COMMAND_MODULES = (training, runs, models, deploy)
+COMMAND_MODULES = (training, data, runs, models, deploy)
 
 
 class _OneLineParser(argparse.ArgumentParser):

@@ -40,7 +40,8 @@ __all__ = ["SECTION_SHORTHAND", "SHORT_KEYS", "Recipe"]
 SECTION_SHORTHAND = {"model": "name", "data": "root", "strategy": "name", "lora": "enabled", "distill": "teacher"}
 # Flat short names for the common keys (keyword arguments, top-level YAML keys, --flags).
 SHORT_KEYS = {
-    "data": "data.root", "model": "model.name", "weights": "model.weights", "img_size": "model.img_size",
+    "data": "data.root", "val_data": "data.val_root", "model": "model.name", "weights": "model.weights",
+    "img_size": "model.img_size",
     "out": "runtime.out", "epochs": "optim.epochs", "strategy": "strategy.name",
     "head_epochs": "strategy.head_epochs", "batch_size": "data.batch_size", "lr": "optim.lr",
     "body_lr_mult": "optim.body_lr_mult", "layer_decay": "optim.layer_decay", "weight_decay": "optim.weight_decay",

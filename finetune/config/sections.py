@@ -102,7 +102,12 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     section: ClassVar[str] = "data"
     root: str | None = field(
-        default=None, metadata=_help("image folder: DIR/<class>/* or DIR/train/<class>/* + DIR/val/<class>/*"))
+        default=None, metadata=_help("image folder: DIR/<class>/* or DIR/train/<class>/* + DIR/val/<class>/*; "
+                                     "or WebDataset shards of `finetune shard`: wds:DIR or "
+                                     "wds:DIR/train-{000000..000009}.tar"))
+    val_root: str | None = field(
+        default=None, metadata=_help("validation shards when data.root is WebDataset shards "
+                                     "(wds:DIR/val-{000000..000001}.tar; default: the val shards of the index)"))
     labels: str | None = field(
         default=None, metadata=_help("CSV or .jsonl manifest: one row per image with a path (relative to data.root, "
                                      "or absolute) and a label, optionally a split (train/val); instead of class "
@@ -138,6 +143,9 @@ class DataConfig(_Section):
             if str(self.root or "").startswith("hf:"):
                 raise FinetuneError(f"data.labels: `{self.labels}` cannot be combined with the Hugging Face data set "
                                     f"`{self.root}`, whose labels are its column data.label_column; drop --labels")
+        if self.val_root is not None and not str(self.root or "").startswith("wds:"):
+            raise FinetuneError("data.val_root (--val-data) is for WebDataset shards (--data wds:...); a folder "
+                                "brings its own val/ folder or is split with data.val_fraction")
         for name in ("path_column", "label_column", "split_column", "image_column"):
             if not getattr(self, name).strip():
                 raise FinetuneError(f"data.{name}: empty; name a column of the manifest (data.labels)")

@@ -2,9 +2,10 @@
 (:mod:`~finetune.data.images`), remembering what was checked (:mod:`~finetune.data.scan_cache`),
 recording what fails to load during training (:mod:`~finetune.data.skiplog`), class folders and their
 train/val split (:mod:`~finetune.data.folder`), CSV/JSON Lines manifests (:mod:`~finetune.data.manifest`), Hugging Face data sets
-(:mod:`~finetune.data.hf`), datasets, transforms and loaders
-(:mod:`~finetune.data.dataset`), the seeded sampler (:mod:`~finetune.data.sampling`) and the embedded
-demo data set (:mod:`~finetune.data.demo`).
+(:mod:`~finetune.data.hf`), datasets, transforms and loaders (:mod:`~finetune.data.dataset`), the seeded
+sampler (:mod:`~finetune.data.sampling`), WebDataset shards -- writing them and their index
+(:mod:`~finetune.data.shards`) and streaming them (:mod:`~finetune.data.shard_stream`) -- and the
+embedded demo data set (:mod:`~finetune.data.demo`).
 
 >>> from finetune.data import IMAGE_EXTENSIONS, draft_size
 >>> ".jpg" in IMAGE_EXTENSIONS, draft_size({"input_size": (3, 96, 96)})

@@ -66,7 +66,9 @@ class FolderSplit:
     """The result of :func:`scan_folder`: classes, train/val samples, skipped files, warnings.
 
     ``scan`` is what the scan did (files decoded, taken from the cache); ``skip_log`` is where the
-    datasets built from it record files that fail to load (lazy checking), or ``None``.
+    datasets built from it record files that fail to load (lazy checking), or ``None``. ``shards`` is
+    ``(train, val)`` :class:`~finetune.data.shards.ShardSource` s when the data are WebDataset shards
+    (``train``/``val`` then only know labels and counts), else ``None``.
     """
 
     root: Path
@@ -78,6 +80,7 @@ class FolderSplit:
     warnings: list[str] = field(default_factory=list)
     scan: ScanStats = field(default_factory=ScanStats)
     skip_log: SkipLog | None = None
+    shards: tuple | None = None
 
     @property
     def num_classes(self) -> int:

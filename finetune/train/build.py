@@ -28,6 +28,7 @@ from finetune.data import (FolderSplit, ImageDataset, Sample, build_transform, c
                            eval_loader)
 from finetune.data.sampling import SeededAugmentation, epoch_sampler
 from finetune.distill import DistillationLoss, feature_layers_from_plan
+from finetune.errors import FinetuneError
 from finetune.rundir import load_model, read_run_meta
 from finetune.train.features import cache_unusable_reason
 from finetune.train.loop import LossFn
@@ -132,9 +133,17 @@ def build_loss(recipe: Recipe, split: FolderSplit, device: torch.device) -> tupl
     return (lambda images, logits, labels: criterion(logits, labels)), None
 
 
+def loader_workers(recipe: Recipe) -> int:
+    """DataLoader workers of the training loader: ``data.num_workers``, else :func:`default_num_workers`."""
+    return default_num_workers() if recipe.data.num_workers is None else recipe.data.num_workers
+
+
 def build_loaders(recipe: Recipe, split: FolderSplit, data_config: dict) -> tuple[DataLoader, DataLoader]:
     """The training loader (seeded order and augmentation) and the validation loader."""
-    workers = default_num_workers() if recipe.data.num_workers is None else recipe.data.num_workers
+    if split.shards is not None:
+        raise FinetuneError("this command reads image files by index; WebDataset shards train with "
+                            "`finetune train --data wds:...` only: point it at the image folder instead")
+    workers = loader_workers(recipe)
     aug = recipe.augment
     train_tf = build_transform(data_config, train=True, scale=(aug.scale, 1.0), hflip=aug.hflip,
                                auto_augment=aug.timm_auto_augment, re_prob=aug.random_erasing)
@@ -207,6 +216,8 @@ def feature_cache_reason(recipe: Recipe, model: nn.Module, *, freeze_bn: bool, d
     """Why head-only epochs recompute the backbone every epoch, or ``None`` when they train on cached features."""
     if not recipe.strategy.feature_cache:
         return "off (strategy.feature_cache false)"
+    if str(recipe.data.root).startswith("wds:"):  # the cache indexes images; shards are streams
+        return "off (WebDataset shards are streamed, not indexed)"
     if recipe.data.sampler != "shuffle":  # the cached-feature loader draws in shuffle order
         return f"off (data.sampler {recipe.data.sampler})"
     return cache_unusable_reason(model, freeze_bn=freeze_bn, mixes=recipe.augment.mixes, distills=distills,

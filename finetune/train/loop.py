@@ -50,7 +50,10 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: LossFn,
     correct = torch.tensor(sums[1], device=accelerator.device)
     seen, lr_sums = int(sums[2]), list(sums[3:])
     step = skip - 1
-    batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+    if skip:  # a shard loader (finetune.data.shard_stream) skips by itself: it is no DataLoader
+        batches = loader.skip(skip) if hasattr(loader, "skip") else accelerator.skip_first_batches(loader, skip)
+    else:
+        batches = loader
     if epoch is not None and hasattr(batches, "set_epoch"):
         # accelerate's loaders count their own epochs (from 0 in a resumed process) and pass that
         # count to the sampler at each iter(): set it, so the order is the epoch's own
@@ -99,7 +102,8 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: LossFn,
 def gather_logits(model: nn.Module, loader, accelerator: Accelerator, memory_format: torch.memory_format,
                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of the whole loader, gathered across processes without padded duplicates (the
-    training loop's validation pass; for predictions on image files see :func:`finetune.predict`)."""
+    training loop's validation pass; for predictions on image files see :func:`finetune.predict`). A loader
+    marked ``padded`` (shards: :mod:`finetune.data.shard_stream`) pads with label ``PAD_LABEL``; those go."""
     model.eval()
     all_logits, all_labels = [], []
     for images, labels in tqdm(loader, leave=False, disable=not (progress and accelerator.is_local_main_process)):
@@ -109,4 +113,10 @@ def gather_logits(model: nn.Module, loader, accelerator: Accelerator, memory_for
         logits, labels = accelerator.gather_for_metrics((logits.float(), labels))
         all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())
-    return torch.cat(all_logits), torch.cat(all_labels)
+    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    if getattr(loader, "padded", False):
+        from finetune.data.shard_stream import PAD_LABEL
+
+        keep = labels != PAD_LABEL
+        logits, labels = logits[keep], labels[keep]
+    return logits, labels

@@ -19,6 +19,7 @@ from torch import nn
 from finetune.config.recipe import Recipe
 from finetune.data import FolderSplit, manifest_path, write_skipped
 from finetune.data.hf import is_hf_source, normalise_source, source_folder
+from finetune.data.shards import absolute_spec, is_wds
 from finetune.errors import FinetuneError
 from finetune.io import write_text
 from finetune.models.weights import model_source
@@ -87,6 +88,10 @@ def recipe_for_disk(recipe: Recipe, run_dir: Path) -> Recipe:
     changes: dict = {"runtime.resume": None, "runtime.out": str(run_dir.resolve())}
     if recipe.data.root and is_hf_source(recipe.data.root):
         changes["data.root"] = normalise_source(recipe.data.root)
+    elif is_wds(recipe.data.root):
+        changes["data.root"] = absolute_spec(recipe.data.root)
+        if recipe.data.val_root:
+            changes["data.val_root"] = absolute_spec(recipe.data.val_root)
     elif recipe.data.root:
         changes["data.root"] = str(Path(recipe.data.root).expanduser().resolve())
     if recipe.data.labels:

@@ -29,6 +29,7 @@ from finetune.config import Recipe
 from finetune.data import (FolderSplit, is_unlabelled_folder, lazy_skip_log, merge_skipped, read_skipped, scan_folder,
                            scan_manifest, scan_unlabelled, write_skipped)
 from finetune.data.hf import is_hf_source, scan_hf
+from finetune.data.shards import is_wds
 from finetune.errors import FinetuneError
 from finetune.hub import write_model_card
 from finetune.report import write_report
@@ -39,12 +40,13 @@ from finetune.models.weights import resolve_weights
 from finetune.rundir import RUN_METRICS, RUN_RECIPE, RUN_SKIPPED, read_run_meta, write_meta
 from finetune.train.autotune import format_label, training_memory_format
 from finetune.train.build import (BuiltModel, build_ema, build_loaders, build_loss, build_model, build_phases,
-                                  distillation_loss_fn, source_run_meta)
+                                  distillation_loss_fn, loader_workers, source_run_meta)
 from finetune.train.checkpoints import load_checkpoint, load_latest_checkpoint
 from finetune.train.loop import gather_logits
 from finetune.train.outputs import (check_run_dir, create_run_dir, model_meta, recipe_for_disk, report_split,
                                     restarted_run, resume_checkpoint)
 from finetune.train.session import RunData, TrainingSession
+from finetune.train.shard_data import shard_loaders, shard_split
 from finetune.train.teacher import finish_distillation, start_distillation
 from finetune.train.tracking import end_tracking, start_tracking, tracking
 
@@ -146,7 +148,8 @@ def _fit(recipe: Recipe, accelerator: Accelerator, run_dir: Path, source_meta: d
 def check_sources(recipe: Recipe) -> dict[str, Any] | None:
     """Check the data folder is set and the model, its weights and the teacher exist; the source
     run's ``model.json`` when the recipe continues a run."""
-    recipe.require_data()
+    if is_wds(recipe.require_data()):
+        shard_split(recipe)  # a missing index, no matching shards, a tar without `cls`: before any launch
     source_meta = source_run_meta(recipe)
     if source_meta is None:
         check_model_name(recipe.model.name)
@@ -197,6 +200,11 @@ def scan_data(recipe: Recipe, source_meta: dict[str, Any] | None) -> tuple[Folde
     split carries the :class:`~finetune.data.skiplog.SkipLog` its datasets record failed loads in.
     """
     data_root = recipe.require_data()
+    if is_wds(data_root):  # WebDataset shards: classes and counts from their index, nothing to scan
+        split = shard_split(recipe)
+        PartialState().print(f"shards: {split.layout}; {len(split.train)} train / {len(split.val)} val images "
+                             "(from the index)")
+        return split, False
     # Distillation also works on a folder of loose, unlabelled images: the KD (+ feature) terms need
     # no labels, and the teacher's predictions serve as validation labels.
     labels = recipe.data.labels  # a manifest (finetune.data.manifest) instead of class folders
@@ -241,6 +249,12 @@ def scan_data(recipe: Recipe, source_meta: dict[str, Any] | None) -> tuple[Folde
 def prepare_data(recipe: Recipe, split: FolderSplit, built: BuiltModel, accelerator: Accelerator,
                  resumed_format: str | None) -> tuple[nn.Module, RunData]:
     """The loaders, prepared for the processes, and the model on the device in the chosen memory format."""
+    if split.shards is not None:  # each process reads its own shards: nothing for accelerate to split
+        train_loader, val_loader = shard_loaders(recipe, split, built.data_config, accelerator,
+                                                 loader_workers(recipe))
+        memory_format = training_memory_format(recipe, built.model, val_loader, accelerator, resumed_format)
+        model = built.model.to(accelerator.device, memory_format=memory_format)
+        return model, RunData(train_loader, val_loader, train_loader, None, None, memory_format, built.data_config)
     train_loader, val_loader = build_loaders(recipe, split, built.data_config)
     train_sampler = train_loader.sampler  # ours (EpochSampler); accelerate wraps it below
     train_images, val_images = train_loader.dataset.dataset, val_loader.dataset
@@ -289,7 +303,7 @@ def write_run_report(recipe: Recipe, run_dir: Path, metrics: dict[str, Any], spl
     write_report(run_dir, title=f"{Path(run_dir).name}: {recipe.model.name}", metrics=metrics,
                  subtitle=f"validation split of {split.root} ({len(split.val)} images)",
                  classes=split.classes, probs=logits.softmax(1), labels=labels,
-                 paths=[sample.path for sample in split.val],
+                 paths=[] if split.shards is not None else [sample.path for sample in split.val],
                  plots={"curves": run_dir / "curves.png", "confusion": run_dir / "confusion.png"},
                  skipped=[(s.path, s.reason) for s in read_skipped(run_dir / RUN_SKIPPED)],
                  recipe=(run_dir / RUN_RECIPE).read_text() if (run_dir / RUN_RECIPE).is_file() else None)
