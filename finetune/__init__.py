@@ -39,6 +39,9 @@ _EXPORTS = {
     "predict": "finetune.inference",
     "Prediction": "finetune.inference",
     "export_run": "finetune.export",
+    "quantize_run": "finetune.export",
+    "compress": "finetune.tasks.compress",
+    "CompressReport": "finetune.tasks.compress",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

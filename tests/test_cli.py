@@ -185,7 +185,8 @@ def quick(args: list[str], tmp_path: Path) -> Result:
 def test_top_level_help_lists_every_command(tmp_path: Path) -> None:
     result = quick(["--help"], tmp_path)
     assert result.returncode == 0, result
-    for command in ("train", "eval", "predict", "models", "demo", "convert", "distill", "compare", "shard"):
+    for command in ("train", "eval", "predict", "models", "demo", "convert", "distill", "compare", "shard",
+                    "export", "compress"):
         assert command in result.stdout
     version = quick(["--version"], tmp_path)
     assert version.returncode == 0 and "finetune-vision" in version.stdout, version
@@ -202,6 +203,9 @@ HELP_FLAGS = {
     "compare": ["--data", "--test-data", "--model", "--rank", "--epochs", "--img-size"],
     "distill": ["--teacher", "--student", "--data", "--kd-alpha", "--kd-temperature", "--kd-beta", "--epochs"],
     "shard": ["src", "--out", "--labels", "--shard-size", "--val-fraction", "--seed", "examples:"],
+    "export": ["run", "--format", "--int8", "--calib-data", "--calib-images", "--calib-method", "--max-drop", "--force",
+               "--bias-correction", "--val-data"],
+    "compress": ["run", "--data", "--out", "--variants", "--max-drop", "--calib-images", "--distill-epochs"],
 }
 
 

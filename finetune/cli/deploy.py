@@ -1,10 +1,12 @@
-"""``finetune convert``, ``export`` and ``compare``: the commands that make a model smaller and ship it."""
+"""``finetune convert``, ``export``, ``compress`` and ``compare``: the commands that make a model smaller
+and ship it."""
 
 from __future__ import annotations
 
 import argparse
 
 from finetune.config.argtypes import classes_arg, json_object_arg, rank_arg
+from finetune.errors import FinetuneError
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -26,10 +28,38 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from finetune.export import export_run
 
+    if args.int8:
+        from finetune.export.quantize import quantize_run
+
+        if args.format != "onnx":
+            raise FinetuneError("--int8 writes ONNX (QDQ) models; drop --format torchscript")
+        result = quantize_run(args.run, out=args.out, calib_data=args.calib_data, calib_images=args.calib_images,
+                              calib_method=args.calib_method, max_drop=args.max_drop, force=args.force,
+                              val_data=args.val_data, bias_correction=args.bias_correction,
+                              latency=not args.no_latency, exporter=args.exporter)
+        print(result.summary())
+        return 0
+    int8_only = [flag for flag, value in (("--calib-data", args.calib_data), ("--val-data", args.val_data),
+                                          ("--force", args.force), ("--bias-correction", args.bias_correction))
+                 if value]
+    if int8_only:
+        raise FinetuneError(f"{', '.join(int8_only)} apply to --int8 only; add --int8 or drop them")
     report = export_run(args.run, format=args.format, out=args.out, images=args.images, opset=args.opset,
                         exporter=args.exporter)
     print(report.summary())
     print(f"model: {report.model_path}\npreprocessing: {report.preprocessing_path}")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from finetune.tasks.compress import compress
+
+    report = compress(args.run, data=args.data, out=args.out, variants=args.variants, max_drop=args.max_drop,
+                      calib_images=args.calib_images, calib_method=args.calib_method,
+                      distill_epochs=args.distill_epochs,
+                      progress=not args.no_progress)
+    print(report.table())
+    print(f"wrote {report.out}/report.json, report.csv, pareto.png")
     return 0
 
 
@@ -45,7 +75,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``convert``, ``export``, ``compare`` to the ``finetune`` sub-commands."""
+    """Add ``convert``, ``export``, ``compress``, ``compare`` to the ``finetune`` sub-commands."""
     co = sub.add_parser(
         "convert", help="replace dense k×k convolutions by SVD-initialised depthwise-separable ones",
         epilog="examples:\n  finetune convert runs/photos --macs 0.4 --calib-data ~/photos --out runs/photos-sep\n"
@@ -94,7 +124,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser("export", help="export a run to ONNX or TorchScript, with a preprocessing sidecar and a "
                         "parity check against eager PyTorch on real images",
                         epilog="examples:\n  finetune export runs/photos                      # RUN/export/model.onnx\n"
-                               "  finetune export runs/photos-sep --format torchscript --images ~/photos/val",
+                               "  finetune export runs/photos-sep --format torchscript --images ~/photos/val\n"
+                               "  finetune export runs/photos --int8 --calib-data ~/photos --max-drop 0.5",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ex.add_argument("run", help="run directory (fine-tuned or converted)")
     ex.add_argument("--format", default="onnx", choices=("onnx", "torchscript"))
@@ -104,7 +135,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     ex.add_argument("--exporter", default="dynamo", choices=("dynamo", "legacy"),
                     help="torch.onnx exporter: dynamo (default) or the legacy TorchScript-based one")
+    q = ex.add_argument_group("int8 (static post-training quantization, ONNX Runtime QDQ, gated on accuracy)")
+    q.add_argument("--int8", action="store_true", help="also write model.int8.onnx (int8 activations, per-channel "
+                   "int8 weights), kept only if its validation top-1 is within --max-drop of fp32")
+    q.add_argument("--calib-data", help="folder of images to calibrate on (default: the run's training split)")
+    q.add_argument("--calib-images", type=int, default=300, help="calibration images (default 300)")
+    q.add_argument("--calib-method", default="minmax", choices=("minmax", "entropy", "percentile"),
+                   help="activation range estimate (default minmax)")
+    q.add_argument("--max-drop", type=float, default=1.0, help="largest accepted top-1 drop in points (default 1.0)")
+    q.add_argument("--force", action="store_true", help="write the int8 model even when it drops more")
+    q.add_argument("--bias-correction", action="store_true", help="remove the mean output shift int8 weights "
+                   "cause (measured on the calibration images), per layer")
+    q.add_argument("--val-data", help="labelled folder to gate on (default: the run's validation split; needed "
+                   "for runs without recipe.yaml)")
+    q.add_argument("--no-latency", action="store_true", help="skip the fp32 vs int8 latency measurement")
     ex.set_defaults(func=cmd_export)
+
+    cz = sub.add_parser("compress", help="build fp32 ONNX, int8 and separable variants of a run, measure each "
+                        "here (validation top-1, size, latency) and recommend the fastest within --max-drop",
+                        epilog="examples:\n  finetune compress runs/photos --out runs/photos-compressed\n"
+                               "  finetune compress runs/r18 --variants fp32,int8,sep:macs=0.4,sep:rank=1+int8\n"
+                               "stages resume: run the same command again after an interruption",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    cz.add_argument("run", help="run directory (fine-tuned or converted)")
+    cz.add_argument("--data", help="labelled folder to evaluate and calibrate on (default: the run's own "
+                    "validation and training split, from its recipe.yaml)")
+    cz.add_argument("--out", help="report folder (default RUN-compressed beside the run)")
+    cz.add_argument("--variants", help="comma-separated: fp32, int8, sep:macs=X, sep:rank=R, sep:...+int8 (default "
+                    "fp32,int8, plus sep:macs=0.5 and sep:macs=0.5+int8 for models with dense k×k convolutions)")
+    cz.add_argument("--max-drop", type=float, default=1.0, help="tolerance of the recommendation, top-1 points "
+                    "below fp32 (default 1.0)")
+    cz.add_argument("--calib-images", type=int, default=300, help="calibration images per variant (default 300)")
+    cz.add_argument("--calib-method", default="minmax", choices=("minmax", "entropy", "percentile"))
+    cz.add_argument("--distill-epochs", type=int, default=0, help="distill each separable variant from the run "
+                    "for this many epochs on its recipe data (default 0: not distilled)")
+    cz.add_argument("--no-progress", action="store_true", help="no per-variant progress lines")
+    cz.set_defaults(func=cmd_compress)
 
     cp = sub.add_parser("compare", help="train a standard-conv CNN and its depthwise-separable twin from scratch, "
                         "side by side: accuracy, params, MACs, measured latency")

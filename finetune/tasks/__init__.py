@@ -1,6 +1,6 @@
 """Tasks built on training and conversion: ``finetune convert`` (:mod:`~finetune.tasks.convert`),
 the ``task: convert`` recipe pipeline (:mod:`~finetune.tasks.pipeline`), ``finetune compare``
-(:mod:`~finetune.tasks.compare`) and the demo (:mod:`~finetune.tasks.demo`), and
+(:mod:`~finetune.tasks.compare`), ``finetune compress`` (:mod:`~finetune.tasks.compress`) and the demo (:mod:`~finetune.tasks.demo`), and
 :func:`run_recipe`, which runs a recipe whatever its task.
 
 >>> from finetune import Recipe, run_recipe                                                # doctest: +SKIP
